@@ -1,0 +1,170 @@
+"""Photos and stacks: PNG, JPEG, TIFF, GIF (fundus photos, OCT B-scans, masks).
+
+Colour is kept (``rgb=True``). Files we write carry the Volume geometry as JSON (a PNG text
+chunk, the TIFF description) so they round-trip; other files get 1 pixel = 1 unit unless the
+TIFF states a metric resolution. A colour photo also yields its field-of-view mask.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from scipy import ndimage
+
+from ..volume import Volume
+from .errors import ReadError
+from .formats import register_reader, register_writer
+
+GEOMETRY_KEY = "medvision"
+PHOTO_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp")
+TIFF_SUFFIXES = (".tif", ".tiff", ".ome.tif", ".ome.tiff")
+FOV_LABELS = {1: "field of view"}
+
+
+def _sniff_photo(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(8)
+    return head.startswith((b"\x89PNG", b"\xff\xd8\xff", b"GIF8", b"BM"))
+
+
+def _sniff_tiff(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(4) in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+")
+
+
+@register_reader("PNG/JPEG", PHOTO_SUFFIXES, sniff=_sniff_photo)
+def read_photo(path: Path, **_) -> list[Volume]:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        with Image.open(path) as img:
+            img.load()
+            text = dict(getattr(img, "text", {}) or {})
+            if img.mode in ("P", "PA"):
+                img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+            elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                img = img.convert("RGB")
+            elif img.mode == "LA":
+                img = img.convert("L")
+            data = np.asarray(img)
+    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
+        raise ReadError(path, f"is not a readable image ({exc})") from exc
+    return _volumes(path, data, text.get(GEOMETRY_KEY))
+
+
+@register_reader("TIFF", TIFF_SUFFIXES, sniff=_sniff_tiff)
+def read_tiff(path: Path, **_) -> list[Volume]:
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            data = tif.asarray()
+            description = tif.pages[0].description if tif.pages else ""
+            spacing = _tiff_metric_spacing(tif)
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        raise ReadError(path, f"is not a readable TIFF ({exc})") from exc
+    geometry = None
+    if description.startswith("{"):
+        try:
+            geometry = json.loads(description).get(GEOMETRY_KEY)
+        except (json.JSONDecodeError, AttributeError):
+            geometry = None
+    return _volumes(path, data, geometry, fallback_spacing=spacing)
+
+
+def _volumes(path: Path, data: np.ndarray, geometry, fallback_spacing=None) -> list[Volume]:
+    if isinstance(geometry, str):
+        geometry = json.loads(geometry)
+    if geometry is not None:
+        return [Volume.from_geometry(data, geometry)]
+    rgb = data.ndim == 3 and data.shape[-1] in (3, 4) and data.shape[0] > 4
+    ndim = data.ndim - (1 if rgb else 0)
+    if ndim not in (2, 3):
+        raise ReadError(path, f"has an array of shape {data.shape}; expected a 2D image, a colour photo or a 3D stack")
+    spacing = fallback_spacing if fallback_spacing and len(fallback_spacing) == ndim else (1.0,) * ndim
+    meta = {"spacing_known": fallback_spacing is not None}
+    if rgb:
+        if data.shape[-1] == 4:
+            data = data[..., :3]
+        image = Volume(data=data, spacing=spacing, modality="fundus", rgb=True, meta=meta)
+        return [image, Volume(data=field_of_view(data).astype(np.uint8), spacing=spacing,
+                              modality="fundus", labels=dict(FOV_LABELS), meta={"role": "field of view"})]
+    return [Volume(data=data, spacing=spacing, modality=None, meta=meta)]
+
+
+def field_of_view(rgb: np.ndarray, threshold: float = 0.08) -> np.ndarray:
+    """Boolean mask of the camera's circular field of view in a fundus photo.
+
+    The outside is near black in every channel; the retina is bright in red. A low threshold on the
+    red channel, closed and hole-filled, keeping the largest component, recovers the disc that
+    DRIVE's hand-made masks mark.
+    """
+    red = rgb[..., 0].astype(np.float32)
+    scale = np.percentile(red, 99.5) or 1.0
+    mask = ndimage.uniform_filter(red, 5) > threshold * scale
+    mask = ndimage.binary_opening(mask, iterations=2)
+    labelled, n = ndimage.label(mask)
+    if n > 1:
+        sizes = ndimage.sum(mask, labelled, range(1, n + 1))
+        mask = labelled == (int(np.argmax(sizes)) + 1)
+    return ndimage.binary_fill_holes(mask)
+
+
+def _tiff_metric_spacing(tif) -> tuple[float, ...] | None:
+    """Pixel size in mm from a TIFF's resolution tags when stated in centimetres."""
+    page = tif.pages[0]
+    tags = page.tags
+    unit = tags.get("ResolutionUnit")
+    if unit is None or int(unit.value) != 3:  # 3 = centimetre; inch DPI on photos is meaningless here
+        return None
+    try:
+        xres = tags["XResolution"].value
+        yres = tags["YResolution"].value
+        sx = 10.0 * xres[1] / xres[0]
+        sy = 10.0 * yres[1] / yres[0]
+    except (KeyError, ZeroDivisionError, TypeError):
+        return None
+    return (sy, sx)
+
+
+def _geometry_json(vol: Volume) -> str:
+    return json.dumps({GEOMETRY_KEY: vol.geometry()})
+
+
+@register_writer("PNG", (".png",))
+def write_png(vol: Volume, path: Path) -> None:
+    from PIL import Image, PngImagePlugin
+
+    data = np.asarray(vol.data)
+    if vol.ndim != 2 or vol.n_leading:
+        raise ValueError(f"PNG holds one 2D image; this volume has shape {data.shape}: save it as .nii.gz or .tif")
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if data.dtype not in (np.uint8, np.uint16) or (vol.rgb and data.dtype != np.uint8):
+        raise ValueError(f"PNG holds 8-bit colour or 8/16-bit grey; this image is {data.dtype}: save it as .tif")
+    info = PngImagePlugin.PngInfo()
+    info.add_text(GEOMETRY_KEY, json.dumps(vol.geometry()))
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        Image.fromarray(data).save(tmp, format="PNG", pnginfo=info)
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@register_writer("TIFF", (".tif", ".tiff"))
+def write_tiff(vol: Volume, path: Path) -> None:
+    import tifffile
+
+    data = np.asarray(vol.data)
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        tifffile.imwrite(tmp, data, description=_geometry_json(vol), photometric="rgb" if vol.rgb else "minisblack",
+                         metadata=None, compression="zlib")
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)

@@ -1,0 +1,137 @@
+"""NIfTI-1/2 (``.nii``, ``.nii.gz``) through nibabel.
+
+NIfTI stores voxel->RAS; Volume is LPS in reversed axis order, so reading flips the first two
+world axes and reverses array and world axes; writing does the inverse. The sform is used when
+set (nibabel's best affine), else the qform; scaling slope/intercept are applied on read.
+"""
+
+from __future__ import annotations
+
+import gzip
+import zlib
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+
+from ..volume import Volume
+from .errors import ReadError
+from .formats import register_reader, register_writer
+
+RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
+NIFTI_SUFFIXES = (".nii", ".nii.gz")
+
+
+def _sniff(path: Path) -> bool:
+    head = _head(path, 352)
+    return len(head) >= 348 and head[344:348] in (b"n+1\0", b"ni1\0", b"n+2\0", b"ni2\0") or head[4:8] == b"n+2\0"
+
+
+def _head(path: Path, n: int) -> bytes:
+    with open(path, "rb") as f:
+        start = f.read(2)
+    opener = gzip.open if start == b"\x1f\x8b" else open
+    with opener(path, "rb") as f:
+        return f.read(n)
+
+
+@register_reader("NIfTI", NIFTI_SUFFIXES, sniff=_sniff)
+def read_nifti(path: Path, **_) -> list[Volume]:
+    try:
+        img = nib.load(str(path))
+    except Exception as exc:
+        raise ReadError(path, f"is not a valid NIfTI file ({_short(exc)})") from exc
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ReadError(path, f"is a {type(img).__name__}, not NIfTI")
+    try:
+        array = np.asanyarray(img.dataobj)
+    except (EOFError, OSError, zlib.error, ValueError) as exc:
+        raise ReadError(path, f"is truncated or corrupt: the voxel data could not be read ({_short(exc)})") from exc
+    # Drop NIfTI's trailing singleton axes (a 2D image is stored as x, y, 1).
+    while array.ndim > 2 and array.shape[-1] == 1:
+        array = array[..., 0]
+    if array.ndim > 4:
+        raise ReadError(path, f"has {array.ndim} dimensions (shape {array.shape}); medvision handles 2D, 3D and 4D")
+    affine = img.affine.astype(float)
+    lps = RAS_TO_LPS @ affine[:3, :3]
+    lps_origin = RAS_TO_LPS @ affine[:3, 3]
+    n = min(array.ndim, 3)
+    # NIfTI axes are (i, j, k[, t]); Volume wants (t, k, j, i) and world reversed.
+    if array.ndim == 4:
+        data = np.transpose(array, (3, 2, 1, 0))
+    else:
+        data = np.transpose(array, tuple(range(array.ndim))[::-1])
+    linear = lps[:, :n][::-1, ::-1]  # rows: world (S, P, L); columns: reversed index axes
+    origin = lps_origin[::-1]
+    if n == 2:
+        # A 2D image: keep the in-plane rows of the world (P, L); the slice position rides in meta.
+        linear = lps[:2, :2][::-1, ::-1]
+        origin = lps_origin[:2][::-1]
+    spacing = np.linalg.norm(linear, axis=0)
+    spacing[spacing == 0] = 1.0
+    direction = linear / spacing[None, :]
+    header = img.header
+    meta = {
+        "nifti_affine": affine.tolist(),
+        "sform_code": int(header["sform_code"]),
+        "qform_code": int(header["qform_code"]),
+        "description": _text(header.get("descrip")),
+        "xyzt_units": list(header.get_xyzt_units()),
+    }
+    if array.ndim == 4:
+        meta["time_step"] = float(header["pixdim"][4])
+    return [Volume(data=np.ascontiguousarray(data), spacing=tuple(spacing), origin=tuple(origin),
+                   direction=direction, modality=None, meta=meta)]
+
+
+@register_writer("NIfTI", NIFTI_SUFFIXES)
+def write_nifti(vol: Volume, path: Path) -> None:
+    data = np.asarray(vol.data)
+    if vol.rgb:
+        raise ValueError("colour images are not stored in NIfTI here: save them as .png or .tif")
+    if data.dtype == bool:
+        data = data.astype(np.uint8)
+    if data.dtype == np.float16:
+        data = data.astype(np.float32)
+    n = vol.ndim
+    linear_rev = vol.direction * np.asarray(vol.spacing)[None, :]
+    affine = np.eye(4)
+    if n == 3:
+        affine[:3, :3] = RAS_TO_LPS @ linear_rev[::-1, ::-1]
+        affine[:3, 3] = RAS_TO_LPS @ np.asarray(vol.origin)[::-1]
+    else:
+        source = vol.meta.get("nifti_affine")
+        if source is not None:
+            affine = np.asarray(source, dtype=float).copy()  # keeps the slice's z position
+        affine[:2, :2] = (RAS_TO_LPS[:2, :2] @ linear_rev[::-1, ::-1])
+        affine[:2, 3] = RAS_TO_LPS[:2, :2] @ np.asarray(vol.origin)[::-1]
+    if data.ndim == 4:
+        array = np.transpose(data, (3, 2, 1, 0))
+    else:
+        array = np.transpose(data, tuple(range(data.ndim))[::-1])
+    img = nib.Nifti1Image(array, affine)
+    img.header.set_data_dtype(array.dtype)
+    code = int(vol.meta.get("sform_code") or 1)
+    img.set_sform(affine, code=code)
+    img.set_qform(affine, code=int(vol.meta.get("qform_code") or code))
+    img.header.set_xyzt_units("mm", "sec")
+    if data.ndim == 4 and vol.meta.get("time_step"):
+        img.header["pixdim"][4] = vol.meta["time_step"]
+    tmp = path.with_name(path.name + ".partial" + (".nii.gz" if path.name.lower().endswith(".gz") else ".nii"))
+    try:
+        nib.save(img, str(tmp))
+        tmp.replace(path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _text(value) -> str:
+    if value is None:
+        return ""
+    raw = value.item() if hasattr(value, "item") else value
+    return raw.decode("latin-1", "replace").strip("\0 ") if isinstance(raw, bytes) else str(raw)
+
+
+def _short(exc: Exception) -> str:
+    lines = str(exc).strip().splitlines()
+    return lines[0][:200] if lines else type(exc).__name__

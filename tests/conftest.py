@@ -1,0 +1,30 @@
+"""Shared fixtures: where the real data lives, and a temporary user folder for models."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_data_dir() -> Path:
+    """``MEDVISION_DATA`` if set, else ``../shared/data`` beside the repository."""
+    return Path(os.environ.get("MEDVISION_DATA", REPO.parent / "shared" / "data"))
+
+
+@pytest.fixture
+def data_dir() -> Path:
+    """The real-data folder; tests that need it skip with a reason where it is absent."""
+    path = shared_data_dir()
+    if not path.is_dir():
+        pytest.skip(f"real data folder {path} is absent (set MEDVISION_DATA to use another)")
+    return path
+
+
+@pytest.fixture(autouse=True)
+def _user_home(tmp_path_factory, monkeypatch):
+    """Keep user models and caches of every test out of the real home folder."""
+    monkeypatch.setenv("MEDVISION_HOME", str(tmp_path_factory.mktemp("medvision_home")))
