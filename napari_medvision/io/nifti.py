@@ -38,21 +38,17 @@ def _head(path: Path, n: int) -> bytes:
 @register_reader("NIfTI", NIFTI_SUFFIXES, sniff=_sniff)
 def read_nifti(path: Path, **_) -> list[Volume]:
     try:
-        img = nib.load(str(path))
-    except Exception as exc:
-        raise ReadError(path, f"is not a valid NIfTI file ({_short(exc)})") from exc
-    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
-        raise ReadError(path, f"is a {type(img).__name__}, not NIfTI")
-    try:
-        array = np.asanyarray(img.dataobj)
+        header, array = _read_header_and_voxels(path)
     except (EOFError, OSError, zlib.error, ValueError) as exc:
         raise ReadError(path, f"is truncated or corrupt: the voxel data could not be read ({_short(exc)})") from exc
+    except Exception as exc:
+        raise ReadError(path, f"is not a valid NIfTI file ({_short(exc)})") from exc
     # Drop NIfTI's trailing singleton axes (a 2D image is stored as x, y, 1).
     while array.ndim > 2 and array.shape[-1] == 1:
         array = array[..., 0]
     if array.ndim > 4:
         raise ReadError(path, f"has {array.ndim} dimensions (shape {array.shape}); medvision handles 2D, 3D and 4D")
-    affine = img.affine.astype(float)
+    affine = header.get_best_affine().astype(float)
     lps = RAS_TO_LPS @ affine[:3, :3]
     lps_origin = RAS_TO_LPS @ affine[:3, 3]
     n = min(array.ndim, 3)
@@ -70,7 +66,6 @@ def read_nifti(path: Path, **_) -> list[Volume]:
     spacing = np.linalg.norm(linear, axis=0)
     spacing[spacing == 0] = 1.0
     direction = linear / spacing[None, :]
-    header = img.header
     meta = {
         "nifti_affine": affine.tolist(),
         "sform_code": int(header["sform_code"]),
@@ -123,6 +118,44 @@ def write_nifti(vol: Volume, path: Path) -> None:
         tmp.replace(path)
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _read_header_and_voxels(path: Path) -> tuple:
+    """The NIfTI header and the voxel array with scaling applied.
+
+    Unscaled ``.nii.gz`` voxels are decompressed with ISA-L (isal) straight into the final array:
+    nibabel streams through Python's zlib, which made loading a 300x512x512 CT about 1.6x slower
+    than SimpleITK; scaled or uncompressed files go through nibabel's own array proxy.
+    """
+    img = nib.load(str(path))
+    if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
+        raise ValueError(f"it is a {type(img).__name__}, not NIfTI")
+    header = img.header
+    # The loaded header copy has its scaling reset; the array proxy keeps the file's.
+    unscaled = float(img.dataobj.slope) == 1.0 and float(img.dataobj.inter) == 0.0
+    if not (unscaled and path.name.lower().endswith(".gz")):
+        return header, np.asanyarray(img.dataobj)
+    from isal import igzip
+
+    shape = header.get_data_shape()
+    dtype = header.get_data_dtype()
+    offset = int(img.dataobj.offset)  # the loaded header copy reports 0 here
+    nbytes = int(np.prod(shape)) * dtype.itemsize
+    # One readinto over header and voxels into one buffer, then a view: no extra copy.
+    raw = np.empty(offset + nbytes, dtype=np.uint8)
+    with igzip.open(path, "rb") as stream:
+        view = memoryview(raw)
+        filled = 0
+        while filled < raw.size:
+            got = stream.readinto(view[filled:])
+            if not got:
+                raise EOFError(f"expected {nbytes} bytes of voxels, found {max(filled - offset, 0)}")
+            filled += got
+    voxels = raw[offset:]
+    if offset % dtype.itemsize:
+        voxels = voxels.copy()
+    array = voxels.view(dtype).reshape(shape, order="F")
+    return header, array
 
 
 def _text(value) -> str:
