@@ -1,0 +1,187 @@
+"""Pixel values of DICOM frames, read once into one preallocated array and rescaled in place.
+
+Uncompressed little-endian frames are read straight from disk at the offset found while the
+header was parsed; everything else (JPEG 2000, JPEG lossless, JPEG-LS, RLE, big endian, colour)
+goes through pydicom, which decodes compressed syntaxes with the pylibjpeg plugins. A thread
+pool overlaps disk reads and decoding (numpy and the decoders release the GIL).
+"""
+
+from __future__ import annotations
+
+import os
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import pydicom
+
+from .dicom_scan import DicomFile
+from .errors import ReadError
+
+
+def _workers(n: int) -> int:
+    return max(1, min(8, os.cpu_count() or 1, n))
+
+
+def stored_dtype(header) -> np.dtype:
+    """The dtype pixel values are stored in (before rescaling)."""
+    bits = int(header.get("BitsAllocated") or 16)
+    signed = int(header.get("PixelRepresentation") or 0) == 1
+    if bits not in (8, 16, 32):
+        raise ValueError(f"{bits} bits per pixel")
+    return np.dtype(f"<{'i' if signed else 'u'}{bits // 8}")
+
+
+def _stored_range(header) -> tuple[int, int]:
+    bits = int(header.get("BitsStored") or header.get("BitsAllocated") or 16)
+    if int(header.get("PixelRepresentation") or 0) == 1:
+        return -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+    return 0, (1 << bits) - 1
+
+
+def output_dtype(header, rescales: list[tuple[float, float]]) -> np.dtype:
+    """Stored dtype without rescaling; int16/int32 for integer slope and intercept; else float32."""
+    if int(header.get("SamplesPerPixel") or 1) != 1:
+        return np.dtype(np.uint8) if int(header.get("BitsAllocated") or 8) == 8 else stored_dtype(header)
+    if all(s == 1 and i == 0 for s, i in rescales):
+        return stored_dtype(header)
+    if not all(float(s).is_integer() and float(i).is_integer() for s, i in rescales):
+        return np.dtype(np.float32)
+    lo, hi = _stored_range(header)
+    values = [lo, hi] + [v * s + i for s, i in rescales for v in (lo, hi)]
+    for candidate in (np.int16, np.int32):
+        info = np.iinfo(candidate)
+        if info.min <= min(values) and max(values) <= info.max:
+            return np.dtype(candidate)
+    return np.dtype(np.float32)
+
+
+def _sign_extend(raw: np.ndarray, header) -> np.ndarray:
+    """Signed values stored in fewer bits than allocated (e.g. 12 of 16) get their sign back."""
+    bits = int(header.get("BitsStored") or 0)
+    allocated = raw.dtype.itemsize * 8
+    if raw.dtype.kind == "i" and 0 < bits < allocated:
+        shift = allocated - bits
+        raw <<= shift
+        raw >>= shift
+    return raw
+
+
+def raw_frames(f: DicomFile, into: np.ndarray | None = None) -> np.ndarray:
+    """Stored pixel values of every frame of ``f``: ``(frames, rows, columns[, samples])``.
+
+    ``into``: an array of the stored dtype and shape to read uncompressed values straight into.
+    """
+    h = f.header
+    rows, cols, samples = int(h.Rows), int(h.Columns), int(h.get("SamplesPerPixel") or 1)
+    n = f.n_frames
+    if f.pixel_offset is not None and samples == 1 and int(h.get("BitsAllocated") or 0) in (8, 16, 32):
+        dtype = stored_dtype(h)
+        if f.pixel_length < n * rows * cols * dtype.itemsize:
+            raise ReadError(f.path, f"pixel data is shorter than {n} frame(s) of {rows}x{cols} need")
+        out = into.reshape(n, rows, cols) if into is not None and into.dtype == dtype else np.empty((n, rows, cols), dtype)
+        with open(f.path, "rb") as fp:
+            fp.seek(f.pixel_offset)
+            got = fp.readinto(memoryview(out.reshape(-1)).cast("B"))
+        if got != out.nbytes:
+            raise ReadError(f.path, f"is truncated: the pixel data stops after {got} of {out.nbytes} bytes")
+        return _sign_extend(out, h)
+    try:
+        ds = pydicom.dcmread(f.path)
+        array = ds.pixel_array
+    except Exception as exc:  # decoder errors come in many types; name the file and the syntax
+        syntax = getattr(getattr(getattr(f.header, "file_meta", None), "TransferSyntaxUID", None), "name", "?")
+        raise ReadError(f.path, f"pixel data could not be decoded ({syntax}): {str(exc).splitlines()[0][:200]}") from exc
+    return array[None] if n == 1 else array
+
+
+def _apply(target: np.ndarray, slope: float, intercept: float) -> None:
+    if slope != 1:
+        target *= target.dtype.type(slope)
+    if intercept != 0:
+        target += target.dtype.type(intercept)
+
+
+def assemble(n: int, frame_shape: tuple, read, rescales: list[tuple[float, float]], header) -> np.ndarray:
+    """``(n, *frame_shape)`` rescaled frames; ``read(i, into)`` gives output frame i's stored values.
+
+    Integer output is filled in place where the stored values fit it (no temporary per frame).
+    When integer rescaling could overflow int16 in theory (16 stored bits plus an intercept), the
+    actual values decide: CT stays int16 unless its values really need int32.
+    """
+    dtype = output_dtype(header, rescales)
+    stored = stored_dtype(header) if int(header.get("BitsAllocated") or 16) in (8, 16, 32) else dtype
+    lo, hi = _stored_range(header)
+    fits = dtype.kind in "iu" and np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max
+    narrow = dtype == np.int32 and stored.itemsize == 2 and all(s == 1 for s, _ in rescales)
+    direct = (fits and dtype.itemsize == stored.itemsize) or narrow
+    out = np.empty((n,) + tuple(frame_shape), stored if narrow else dtype)
+    ranges = [(0, 0)] * n
+
+    def one(i: int) -> None:
+        target = out[i]
+        if direct:
+            view = target.view(stored) if target.dtype != stored else target
+            raw = read(i, view)
+            if not np.may_share_memory(raw, view):
+                np.copyto(target, raw.reshape(target.shape), casting="unsafe")
+            if narrow:
+                ranges[i] = (int(target.min()), int(target.max()))
+            else:
+                _apply(target, *rescales[i])
+        else:
+            raw = read(i, None)
+            np.copyto(target, raw.reshape(target.shape), casting="unsafe")
+            _apply(target, *rescales[i])
+
+    _run(one, n)
+    if not narrow:
+        return out
+    low = min(r[0] + int(c) for r, (_, c) in zip(ranges, rescales))
+    high = max(r[1] + int(c) for r, (_, c) in zip(ranges, rescales))
+    raw_high = max(r[1] for r in ranges)
+    small = np.iinfo(np.int16)
+    if small.min <= low and high <= small.max and raw_high <= small.max:
+        result = out.view(np.int16)
+        _run(lambda i: _apply(result[i], 1, rescales[i][1]), n)
+        return result
+    wide = np.empty(out.shape, np.int32)
+
+    def widen(i: int) -> None:
+        np.copyto(wide[i], out[i], casting="unsafe")
+        _apply(wide[i], 1, rescales[i][1])
+
+    _run(widen, n)
+    return wide
+
+
+def read_slices(files: list[DicomFile], rescales: list[tuple[float, float]]) -> np.ndarray:
+    """One frame from each single-frame file, in the order given: ``(n, rows, columns[, 3])``."""
+    h = files[0].header
+    samples = int(h.get("SamplesPerPixel") or 1)
+    frame_shape = (int(h.Rows), int(h.Columns)) + ((samples,) if samples > 1 else ())
+
+    def read(i: int, into):
+        frames = raw_frames(files[i], into)
+        if frames.shape[1:] != frame_shape:
+            raise ReadError(files[i].path, f"holds a {frames.shape[1:]} image where the series has {frame_shape}")
+        return frames[0]
+
+    return assemble(len(files), frame_shape, read, rescales, h)
+
+
+def read_multiframe(f: DicomFile, order: list[int], rescales: list[tuple[float, float]]) -> np.ndarray:
+    """The frames of one multi-frame object in ``order``, each rescaled with its own slope/intercept."""
+    frames = raw_frames(f)
+    return assemble(len(order), frames.shape[1:], lambda i, into: frames[order[i]],
+                    [rescales[k] for k in order], f.header)
+
+
+def _run(job, n: int) -> None:
+    workers = _workers(n)
+    if workers == 1 or n < 4:
+        for i in range(n):
+            job(i)
+        return
+    with ThreadPoolExecutor(workers) as pool:
+        for _ in pool.map(job, range(n)):
+            pass

@@ -1,0 +1,96 @@
+"""What every recipe shares: finding the data, held-out metrics, and writing weights with a card."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from datetime import date
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def data_dir() -> Path:
+    path = Path(os.environ.get("MEDVISION_DATA", REPO.parent / "shared" / "data"))
+    if not path.is_dir():
+        raise SystemExit(f"recipe: the real data folder {path} is absent; set MEDVISION_DATA")
+    return path
+
+
+def recipe_arguments(description: str, steps: int, batch_size: int, preset: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--steps", type=int, default=steps, help="optimiser steps at most")
+    parser.add_argument("--batch-size", type=int, default=batch_size)
+    parser.add_argument("--preset", default=preset, help="architecture size: tiny, small or base")
+    parser.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    parser.add_argument("--out", type=Path, default=REPO / "weights", help="folder for <id>.safetensors + card")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
+    return parser
+
+
+def device_summary(device: str) -> str:
+    import torch
+
+    if device.startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+
+
+def roc_auc(scores: np.ndarray, truth: np.ndarray) -> float:
+    """Area under the ROC curve via MONAI's implementation."""
+    import torch
+    from monai.metrics import compute_roc_auc
+
+    return float(compute_roc_auc(torch.from_numpy(scores.astype(np.float32).ravel()),
+                                 torch.from_numpy(truth.astype(np.float32).ravel())))
+
+
+def binary_metrics(probability: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> dict[str, float]:
+    """Dice, sensitivity, specificity and AUC of a foreground probability map, inside ``mask``."""
+    if mask is None:
+        mask = np.ones(truth.shape, dtype=bool)
+    p, t = probability[mask], truth[mask].astype(bool)
+    pred = p >= 0.5
+    tp, fp, fn = (pred & t).sum(), (pred & ~t).sum(), (~pred & t).sum()
+    tn = (~pred & ~t).sum()
+    return {"dice": float(2 * tp / max(2 * tp + fp + fn, 1)), "sensitivity": float(tp / max(tp + fn, 1)),
+            "specificity": float(tn / max(tn + fp, 1)), "auc": roc_auc(p, t)}
+
+
+def training_summary(device: str, result, config, data: str, synthetic_share: float, recipe: str) -> dict:
+    return {
+        "data": data,
+        "synthetic_share": synthetic_share,
+        "steps": result.steps_done,
+        "batch_size": config.batch_size,
+        "device": device_summary(device),
+        "wall_time_s": round(result.seconds, 1),
+        "stopped_because": result.stopped_because,
+        "recipe": recipe,
+        "date": date.today().isoformat(),
+        "validation_curve": result.history,
+    }
+
+
+def save_shipped(network, card, out: Path) -> None:
+    """Write weights + card into ``out`` (the recipes are the only writers of ``weights/``)."""
+    from ..models.registry import save_model
+
+    card.source = "shipped-recipe"
+    save_model(network, card, folder=out)
+    print(f"wrote {out / (card.id + '.safetensors')} and its card")
+
+
+class Timer:
+    def __enter__(self):
+        self.start = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.start

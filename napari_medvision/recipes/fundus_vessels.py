@@ -1,0 +1,120 @@
+"""Recipe: 2D TransUNet for retinal vessels in colour fundus photos (DRIVE).
+
+Trains on 15 of DRIVE's 20 training images (21-35) plus synthetic fundus photos, keeps
+36-40 out, and reports Dice, sensitivity, specificity and AUC inside the field of view on those.
+
+    python -m napari_medvision.recipes.fundus_vessels --steps 3000 --time-budget 1200
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from .. import io
+from ..engine.sampling import PatchSampler
+from ..engine.training import TrainConfig, train_segmentation
+from ..models.card import ModelCard
+from .common import binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
+
+MODEL_ID = "fundus-vessels-2d"
+TRAIN_IDS = list(range(21, 36))
+HELD_OUT_IDS = list(range(36, 41))
+PATCH = (128, 128)
+NORMALISATION = {"kind": "rgb_unit"}
+
+
+def load_drive(root: Path, ids: list[int]):
+    """(images (3, H, W) in [0, 1], vessel masks, field-of-view masks) for DRIVE training ids."""
+    images, vessels, fovs = [], [], []
+    for i in ids:
+        photo = io.load(root / "images" / f"{i}_training.tif")
+        images.append(np.moveaxis(np.asarray(photo.data, dtype=np.float32) / 255.0, -1, 0))
+        vessels.append((np.asarray(io.load(root / "1st_manual" / f"{i}_manual1.gif").data) > 0).astype(np.int64))
+        fovs.append(np.asarray(io.load(root / "mask" / f"{i}_training_mask.gif").data) > 0)
+    return images, vessels, fovs
+
+
+def synthetic_fundus(n: int, seed: int):
+    from ..synthetic import fundus_photo
+
+    images, vessels = [], []
+    for k in range(n):
+        photo, labels = fundus_photo(seed=seed + k, size=(584, 565))
+        images.append(np.moveaxis(np.asarray(photo.data, dtype=np.float32) / 255.0, -1, 0))
+        vessels.append((np.asarray(labels.data) > 0).astype(np.int64))
+    return images, vessels
+
+
+def vessel_probability(network, image: np.ndarray, device: str) -> np.ndarray:
+    from ..engine.inference import sliding_window
+    import torch
+
+    probs = sliding_window(network, torch.from_numpy(image), roi_size=(256, 256), overlap=0.25,
+                           batch_size=4, device=device)
+    return probs[1].float().numpy()
+
+
+def main(argv: list[str] | None = None) -> int:
+    import torch
+
+    from ..engine.device import resolve_device
+    from ..models.registry import build_model
+    from ..models.transunet import PRESETS_2D
+
+    parser = recipe_arguments(__doc__.splitlines()[0], steps=3000, batch_size=8, preset="small")
+    parser.add_argument("--synthetic", type=int, default=6, help="synthetic photos added to training")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    root = data_dir() / "fundus_drive_train"
+    train_images, train_vessels, _ = load_drive(root, TRAIN_IDS)
+    val_images, val_vessels, val_fovs = load_drive(root, HELD_OUT_IDS)
+    syn_images, syn_vessels = synthetic_fundus(args.synthetic, seed=1000) if args.synthetic else ([], [])
+    sampler = PatchSampler(train_images + syn_images, train_vessels + syn_vessels, PATCH, foreground_fraction=0.5)
+
+    config = dict(PRESETS_2D[args.preset], in_channels=3, n_classes=2)
+    architecture = {"name": "transunet2d", "config": config}
+    torch.manual_seed(args.seed)
+    network = build_model(architecture)
+
+    def validate(net) -> float:
+        dices = [binary_metrics(vessel_probability(net, im, device), v, f)["dice"]
+                 for im, v, f in zip(val_images[:2], val_vessels[:2], val_fovs[:2])]
+        return float(np.mean(dices))
+
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=250,
+                               time_budget_s=args.time_budget, seed=args.seed)
+    result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
+                                progress=_print_progress, on_validation=print)
+    per_image = [binary_metrics(vessel_probability(network, im, device), v, f)
+                 for im, v, f in zip(val_images, val_vessels, val_fovs)]
+    metrics = {key: round(float(np.mean([m[key] for m in per_image])), 4) for key in per_image[0]}
+    card = ModelCard(
+        id=MODEL_ID, task="segmentation", architecture=architecture, modality="fundus",
+        input={"spacing": None, "normalisation": NORMALISATION, "patch_size": [256, 256], "channels": 3, "dims": 2},
+        labels={1: "vessel"}, sha256="",
+        description="Retinal vessels in colour fundus photos (2D TransUNet).",
+        training=training_summary(device, result, train_config,
+                                  f"DRIVE training images {TRAIN_IDS[0]}-{TRAIN_IDS[-1]} (Staal et al. 2004) "
+                                  f"+ {args.synthetic} synthetic photos", len(syn_images) / (len(syn_images) + 15),
+                                  "napari_medvision.recipes.fundus_vessels"),
+        metrics={"DRIVE training images 36-40 (held out), inside the field of view": metrics,
+                 "per_image": [{k: round(v, 4) for k, v in m.items()} for m in per_image]},
+        license="research use (DRIVE terms); code Apache-2.0",
+    )
+    save_shipped(network, card, args.out)
+    print(metrics)
+    return 0
+
+
+def _print_progress(done: int, total: int, message: str) -> None:
+    if done % 50 == 0:
+        print(f"step {done}/{total} {message}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

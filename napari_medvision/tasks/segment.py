@@ -1,0 +1,52 @@
+"""``mv.segment``: a label map on the input's grid from a segmentation model."""
+
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+from ..engine.progress import CancelToken, ProgressFn
+from ..models.card import ModelCard
+from ..volume import Volume
+
+
+def segment(
+    volume: Volume,
+    model: str | os.PathLike | ModelCard,
+    device: Optional[str] = None,
+    overlap: float = 0.5,
+    batch_size: Optional[int] = None,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+    compile: bool = False,
+) -> Volume:
+    """Labels Volume (names from the model card) on ``volume``'s grid; the input is never changed.
+
+    model: a model id from ``mv.models.available()``, a path to a checkpoint with its card, or a card.
+    device: "cuda", "mps" or "cpu"; default the best available.
+    overlap: fraction of the sliding window shared by neighbouring tiles.
+    """
+    from ..engine.device import resolve_device
+    from ..engine.inference import predict_labels
+    from ..models.registry import get_card, load_model
+
+    card = get_card(model)
+    _check_input(volume, card)
+    device = resolve_device(device)
+    network, card = load_model(card, device=device)
+    return predict_labels(network, card, volume, device=device, overlap=overlap, batch_size=batch_size,
+                          progress=progress, cancel=cancel, compile=compile)
+
+
+def _check_input(volume: Volume, card: ModelCard) -> None:
+    source = volume.meta.get("source", "the image")
+    channels = int(card.input.get("channels", 1))
+    have = 3 if volume.rgb else 1
+    if channels != have:
+        raise ValueError(f"{source}: model {card.id} expects {'colour' if channels == 3 else 'greyscale'} images, "
+                         f"this one is {'colour' if have == 3 else 'greyscale'}")
+    if volume.is_labels:
+        raise ValueError(f"{source}: is a label map; segment the image it was drawn on")
+    dims = int(card.input.get("dims", 3))
+    if dims == 3 and volume.ndim != 3:
+        raise ValueError(f"{source}: model {card.id} segments 3D volumes, this image is {volume.ndim}D")
