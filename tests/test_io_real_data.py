@@ -49,7 +49,17 @@ def test_every_nifti_in_the_shared_data_reads(data_dir):
         vol = mv.load(path)
         img = nib.load(str(path))
         assert vol.data.shape == tuple(reversed([s for s in img.shape if s > 1][:3]))[-vol.data.ndim:]
-        assert vol.modality in ("CT", "MR")
+        if any(word in path.name for word in ("seg", "Segmentation", "subcortical", "SkullStrip")):
+            assert vol.labels, f"{path.name} is a label map"
+        else:
+            assert vol.labels is None and vol.modality in ("CT", "MR"), path.name
+
+
+def test_segmentations_without_names_read_as_label_maps(data_dir):
+    seg = mv.load(data_dir / "ct_mr_totalseg/example_seg.nii.gz")
+    assert seg.is_labels and len(seg.labels) == len(np.unique(seg.data)) - 1
+    lesion = mv.load(data_dir / "nrrd_lesions/brain1_label.nrrd")
+    assert lesion.labels == {1: "label 1"}
 
 
 def test_ct_reads_as_ct_in_hounsfield_units_in_lps(data_dir):

@@ -78,7 +78,11 @@ def load_all(path: str | os.PathLike, **options) -> list[Volume]:
             vol.meta.setdefault("format", reader.name)
             if modality is not None:
                 vol.modality = modality
-            elif vol.modality is None and vol.labels is None:
+            if vol.labels is None and looks_like_label_map(vol):
+                vol.labels = {}
+            if vol.labels == {}:
+                vol.labels = {int(v): f"label {int(v)}" for v in np.unique(np.asarray(vol.data)) if v != 0}
+            if modality is None and vol.modality is None and vol.labels is None:
                 vol.modality = guess_modality(vol)
         return volumes
     if by_suffix and path.is_file():
@@ -110,6 +114,32 @@ def save(volume: Volume, path: str | os.PathLike) -> Path:
     except Exception as exc:
         raise WriteError(path, f"could not be written as {writer.name}: {_reason(exc)}") from exc
     return path
+
+
+MAX_GUESSED_LABELS = 64
+
+
+def looks_like_label_map(vol: Volume) -> bool:
+    """An unnamed integer map with few non-negative values (a mask or segmentation), not an image.
+
+    Only files that do not say what they hold (NIfTI, NRRD, MHA without medvision's label
+    names) are guessed; photos and scanners' own formats state their modality.
+    """
+    if vol.rgb or vol.modality is not None or not isinstance(vol.data, np.ndarray):
+        return False
+    if not np.issubdtype(vol.data.dtype, np.integer) or vol.data.size == 0:
+        return False
+    step = max(1, vol.data.size // 4_000_000)
+    sample = vol.data.reshape(-1)[::step]
+    if sample.min() < 0:
+        return False
+    values = np.unique(sample)
+    return len(values) <= MAX_GUESSED_LABELS and values.max() < 1000 and not (len(values) > 16 and _is_dense(values))
+
+
+def _is_dense(values: np.ndarray) -> bool:
+    """A run of consecutive grey levels (a low-bit image) rather than scattered label ids."""
+    return values.max() - values.min() + 1 == len(values) and values.min() == 0 and len(values) > 32
 
 
 def guess_modality(vol: Volume) -> str | None:

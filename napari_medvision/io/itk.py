@@ -6,6 +6,7 @@ SimpleITK's array is already ``(z, y, x)``; its geometry is ``(x, y, z)`` and is
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -17,6 +18,7 @@ from .formats import register_reader, register_writer
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
 _MODALITY_KEYS = ("Modality", "modality", "0008|0060")
+LABELS_KEY = "medvision_labels"
 
 
 def _sniff(path: Path) -> bool:
@@ -40,10 +42,15 @@ def read_itk(path: Path, **_) -> list[Volume]:
             np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3].ravel())
     else:
         spacing, origin, direction = from_itk_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys() if len(image.GetMetaData(k)) < 500}
+    meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys() if len(image.GetMetaData(k)) < 4000}
     modality = next((meta[k] for k in _MODALITY_KEYS if k in meta), None)
+    if modality == "MET_MOD_UNKNOWN":
+        modality = None
+    labels = None
+    if LABELS_KEY in meta:
+        labels = {int(k): str(v) for k, v in json.loads(meta.pop(LABELS_KEY)).items()}
     return [Volume(data=data, spacing=spacing, origin=origin, direction=direction, modality=modality,
-                   rgb=rgb, meta=meta)]
+                   rgb=rgb, labels=labels, meta=meta)]
 
 
 @register_writer("NRRD/MetaImage", ITK_SUFFIXES)
@@ -60,6 +67,8 @@ def write_itk(vol: Volume, path: Path) -> None:
     image.SetDirection(direction)
     if vol.modality:
         image.SetMetaData("Modality", vol.modality)
+    if vol.labels is not None:
+        image.SetMetaData(LABELS_KEY, json.dumps({str(k): v for k, v in vol.labels.items()}))
     # Write beside the target, then rename: a failed write never clobbers a good file.
     tmp = path.with_name(path.stem + ".partial" + path.suffix)
     try:

@@ -8,6 +8,7 @@ set (nibabel's best affine), else the qform; scaling slope/intercept are applied
 from __future__ import annotations
 
 import gzip
+import json
 import zlib
 from pathlib import Path
 
@@ -20,6 +21,8 @@ from .formats import register_reader, register_writer
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
 NIFTI_SUFFIXES = (".nii", ".nii.gz")
+LABELS_KEY = "medvision_labels"
+NIFTI_INTENT_LABEL = 1002
 
 
 def _sniff(path: Path) -> bool:
@@ -75,8 +78,23 @@ def read_nifti(path: Path, **_) -> list[Volume]:
     }
     if array.ndim == 4:
         meta["time_step"] = float(header["pixdim"][4])
+    labels = _label_names(header)
     return [Volume(data=np.ascontiguousarray(data), spacing=tuple(spacing), origin=tuple(origin),
-                   direction=direction, modality=None, meta=meta)]
+                   direction=direction, modality=None, labels=labels, meta=meta)]
+
+
+def _label_names(header) -> dict[int, str] | None:
+    """Names stored by medvision in a comment extension; ``{}`` for a label-intent file without them."""
+    for ext in header.extensions:
+        try:
+            content = json.loads(ext.get_content())
+        except (ValueError, TypeError, UnicodeDecodeError):
+            continue
+        if isinstance(content, dict) and LABELS_KEY in content:
+            return {int(k): str(v) for k, v in content[LABELS_KEY].items()}
+    if int(header["intent_code"]) == NIFTI_INTENT_LABEL:
+        return {}
+    return None
 
 
 @register_writer("NIfTI", NIFTI_SUFFIXES)
@@ -110,6 +128,10 @@ def write_nifti(vol: Volume, path: Path) -> None:
     img.set_sform(affine, code=code)
     img.set_qform(affine, code=int(vol.meta.get("qform_code") or code))
     img.header.set_xyzt_units("mm", "sec")
+    if vol.labels is not None:
+        img.header.set_intent("label")
+        names = json.dumps({LABELS_KEY: {str(k): v for k, v in vol.labels.items()}}).encode()
+        img.header.extensions.append(nib.nifti1.Nifti1Extension("comment", names))
     if data.ndim == 4 and vol.meta.get("time_step"):
         img.header["pixdim"][4] = vol.meta["time_step"]
     tmp = path.with_name(path.name + ".partial" + (".nii.gz" if path.name.lower().endswith(".gz") else ".nii"))
