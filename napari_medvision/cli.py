@@ -46,6 +46,20 @@ def _parser() -> argparse.ArgumentParser:
     load.add_argument("--json", action="store_true", help="print the summary as JSON")
     load.set_defaults(run=_load)
 
+    seg = sub.add_parser("segment", help="segment an image with a model; writes a label map")
+    seg.add_argument("input", help="image file or folder")
+    seg.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, .mha, .ome.zarr, ...)")
+    seg.add_argument("--model", required=True, help="model id (see `medvision models`) or checkpoint path")
+    seg.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    seg.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0-0.9")
+    seg.add_argument("--series", help="DICOM series to read when a folder holds several (index or UID)")
+    seg.set_defaults(run=_segment)
+
+    models = sub.add_parser("models", help="list shipped and user models")
+    models.add_argument("--modality", help="only models for this modality (CT, MR, OCT, fundus)")
+    models.add_argument("--json", action="store_true", help="print the cards as JSON")
+    models.set_defaults(run=_models)
+
     demo = sub.add_parser("demo", help="the quick-start job: open the sample CT, save it and a screenshot")
     demo.add_argument("-o", "--output", default="demo_output", help="folder for the result files")
     demo.add_argument("--headless", action="store_true", help="never open a napari window")
@@ -69,9 +83,7 @@ def _summary(path: str, volumes) -> dict:
 def _load(args) -> int:
     from . import io
 
-    options = {}
-    if args.series is not None:
-        options["series"] = int(args.series) if args.series.isdigit() else args.series
+    options = _series_option(args)
     if args.modality:
         options["modality"] = args.modality
     volumes = io.load_all(args.input, **options)
@@ -85,6 +97,47 @@ def _load(args) -> int:
     if args.output:
         io.save(volumes[0], args.output)
         print(f"wrote {args.output}")
+    return 0
+
+
+def _series_option(args) -> dict:
+    if getattr(args, "series", None) is None:
+        return {}
+    return {"series": int(args.series) if args.series.isdigit() else args.series}
+
+
+def _segment(args) -> int:
+    from . import io
+    from .engine.progress import terminal_progress
+    from .tasks.segment import segment
+
+    volume = io.load(args.input, **_series_option(args))
+    labels = segment(volume, model=args.model, device=args.device, overlap=args.overlap,
+                     progress=terminal_progress("segment "))
+    io.save(labels, args.output)
+    found = sorted(labels.labels[v] for v in set(int(x) for x in _unique(labels.data)) if v in labels.labels)
+    print(f"wrote {args.output}: {len(found)} structures found ({', '.join(found)})")
+    return 0
+
+
+def _unique(data):
+    import numpy as np
+
+    return np.unique(np.asarray(data))
+
+
+def _models(args) -> int:
+    from . import models
+
+    cards = models.available(modality=args.modality)
+    if args.json:
+        print(json.dumps([c.to_json() for c in cards]))
+        return 0
+    if not cards:
+        print("no models found")
+    for card in cards:
+        labels = ", ".join((card.labels or {}).values())
+        print(f"{card.id:28s} {card.modality:7s} {card.source:8s} {card.architecture.get('name', '')}: {labels}")
     return 0
 
 

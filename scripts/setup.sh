@@ -34,9 +34,11 @@ want="$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -c1-16)"
 if [ -f "$STAMP" ] && [ "$(cat "$STAMP")" = "$want" ]; then
   exit 0
 fi
+# pip warns about every missing entry of this machine's local package indexes: not our concern.
+quiet_pip() { "$VENV/bin/python" -m pip "$@" 2> >(grep -v "is ignored: it is neither" >&2); }
 [ -x "$VENV/bin/python" ] || "$PYTHON" -m venv "$VENV"
-"$VENV/bin/python" -m pip install -q --upgrade pip >/dev/null
+quiet_pip install -q --upgrade pip >/dev/null
 echo "setup: installing $TORCH_PIN (pinned) and the project into $VENV"
-"$VENV/bin/python" -m pip install -q $TORCH_PIN
-"$VENV/bin/python" -m pip install -q -e ".[napari,ml,test]"
+quiet_pip install -q $TORCH_PIN
+quiet_pip install -q -e ".[napari,ml,test]"
 echo "$want" > "$STAMP"

@@ -55,7 +55,7 @@ def percentile(image, low: float = 0.5, high: float = 99.5, inplace: bool = Fals
     flat = out.reshape(-1)
     if flat.numel() > _QUANTILE_MAX:
         flat = flat[:: -(-flat.numel() // _QUANTILE_MAX)]
-    lo, hi = torch.quantile(flat, torch.tensor([low / 100, high / 100])).tolist()
+    lo, hi = torch.quantile(flat, torch.tensor([low / 100, high / 100], device=flat.device)).tolist()
     out.clamp_(lo, hi).sub_(lo)
     return out.div_(hi - lo) if hi > lo else out
 

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from ..volume import Volume
 
-SLAB_BYTES = 128 << 20  # float32 working memory per slab
+SLAB_BYTES = 32 << 20  # float32 working memory per slab (a few times this is live at once)
 
 
 def grid_shape(shape: Sequence[int], spacing: Sequence[float], target: Sequence[float | None]) -> tuple[int, ...]:
@@ -59,10 +59,10 @@ def _rows_per_slab(channels: int, plane: int) -> int:
 
 def _resample_rows(rows: torch.Tensor, i0, i1, w, lo: int, out_plane: tuple[int, ...]) -> torch.Tensor:
     """Linear along axis 1 at the given indices, then (bi)linear over the remaining axes."""
-    a = rows[:, torch.as_tensor(i0 - lo, device=rows.device)]
-    b = rows[:, torch.as_tensor(i1 - lo, device=rows.device)]
-    wt = torch.as_tensor(w, device=rows.device).view(1, -1, *([1] * (rows.ndim - 2)))
-    out = torch.lerp(a, b, wt)
+    out = rows.index_select(1, torch.as_tensor(i0 - lo, device=rows.device))
+    upper = rows.index_select(1, torch.as_tensor(i1 - lo, device=rows.device))
+    out.lerp_(upper, torch.as_tensor(w, device=rows.device).view(1, -1, *([1] * (rows.ndim - 2))))
+    del upper
     if tuple(out.shape[2:]) != tuple(out_plane):
         mode = "bilinear" if len(out_plane) == 2 else "linear"
         out = F.interpolate(out, size=tuple(out_plane), mode=mode, align_corners=False)

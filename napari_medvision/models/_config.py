@@ -30,3 +30,14 @@ def norm_spec(norm: str) -> tuple | str:
     if norm not in specs:
         raise CardError("<card>", f"unknown norm {norm!r}; use one of {', '.join(specs)}")
     return specs[norm]
+
+
+def check_input_size(shape, size_divisor, architecture: str) -> None:
+    """Raise a readable error when a spatial ``shape`` is not a multiple of ``size_divisor``.
+
+    Without it a wrong size fails deep inside the decoder with a tensor-concatenation message.
+    Depends on shapes only, so torch.compile treats it as a guard, not a graph break per call.
+    """
+    if any(int(s) % int(d) for s, d in zip(shape, size_divisor)):
+        raise ValueError(f"{architecture} needs spatial sizes that are multiples of {tuple(size_divisor)}, "
+                         f"got {tuple(int(s) for s in shape)}; pad the input (sliding-window inference does)")

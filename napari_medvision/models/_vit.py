@@ -52,6 +52,19 @@ def from_tokens(tokens: torch.Tensor, grid: Sequence[int]) -> torch.Tensor:
     return tokens.transpose(1, 2).unflatten(2, tuple(grid))
 
 
+def self_attention_block(dim: int, heads: int, mlp_ratio: float) -> TransformerBlock:
+    """A pre-norm MONAI ``TransformerBlock`` (self-attention + MLP) on (B, N, dim) tokens.
+
+    MONAI creates a cross-attention LayerNorm even when the block has no cross-attention; it is
+    replaced by an identity so that no weight goes untrained and unused into the weights file.
+    Dropout stays 0: MONAI's flash-attention path would apply it in eval mode too.
+    """
+    block = TransformerBlock(dim, int(round(dim * mlp_ratio)), heads, dropout_rate=0.0, qkv_bias=True,
+                             use_flash_attention=True)
+    block.norm_cross_attn = nn.Identity()
+    return block
+
+
 class FeatureMapTransformer(nn.Module):
     """A ViT over the pixels/voxels of a CNN feature map (patch size 1, as in TransUNet's hybrid).
 
@@ -72,11 +85,7 @@ class FeatureMapTransformer(nn.Module):
         super().__init__()
         self.embed = nn.Linear(channels, dim)
         self.position = LearnedPositionEmbedding(dim, grid)
-        # dropout 0: MONAI's flash path applies its dropout rate in eval mode too.
-        self.blocks = nn.Sequential(*[
-            TransformerBlock(dim, int(round(dim * mlp_ratio)), heads, dropout_rate=0.0, qkv_bias=True,
-                             use_flash_attention=True)
-            for _ in range(depth)])
+        self.blocks = nn.Sequential(*[self_attention_block(dim, heads, mlp_ratio) for _ in range(depth)])
         self.norm = nn.LayerNorm(dim)
         self.unembed = nn.Linear(dim, channels)
 

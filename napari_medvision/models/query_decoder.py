@@ -8,12 +8,10 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
-from monai.networks.blocks import MLPBlock, TransformerBlock
 from torch import nn
 
-from ._vit import LearnedPositionEmbedding, to_tokens
+from ._vit import LearnedPositionEmbedding, self_attention_block, to_tokens
 
-_CONV = {2: nn.Conv2d, 3: nn.Conv3d}
 _MODE = {2: "bilinear", 3: "trilinear"}
 
 
@@ -53,7 +51,7 @@ class QueryMaskDecoder(nn.Module):
     ``num_queries`` learnable queries pass through ``layers`` rounds of masked cross-attention to
     one feature level (coarse to fine, round robin), self-attention and an MLP (MONAI
     ``TransformerBlock``). After every round each query q predicts class logits (``n_classes`` +
-    "no object") and a mask logit per voxel, ``m_q(x) = mlp(query_q) . features(x)`` on the
+    "no object") and a mask logit per voxel, ``m_q(x) = mlp(query_q) . features(x) + bias_q`` on the
     full-resolution mask features. The semantic output is
     ``S_c(x) = sum_q softmax(class_q)_c * sigmoid(m_q(x))`` (no-object column dropped), returned as
     ``log(S_c / sum_c' S_c')``: log of normalised probabilities, so that softmax, cross-entropy
@@ -63,9 +61,10 @@ class QueryMaskDecoder(nn.Module):
         spatial_dims: 2 or 3.
         n_classes: output classes, background included.
         memory_channels: channels of the feature levels the queries attend to, coarse to fine.
-        memory_grids: spatial size of each of those levels for the training patch (sizes their
-            position embeddings, interpolated for other inputs).
-        mask_channels: channels of the full-resolution features masks are predicted on.
+        memory_grids: spatial size of each of those levels for the training patch; the position
+            embedding is learned at the coarsest and interpolated to the others and to other inputs.
+        mask_channels: channels of the full-resolution features that masks are predicted on (as dot
+            products with each query's embedding).
         num_queries: number of queries (candidate masks).
         dim: token width of queries.
         heads: attention heads; must divide ``dim``.
@@ -81,25 +80,33 @@ class QueryMaskDecoder(nn.Module):
         self.n_classes = n_classes
         self.masked_attention = masked_attention
         self.mode = _MODE[spatial_dims]
-        conv = _CONV[spatial_dims]
-        self.memory_proj = nn.ModuleList(conv(c, dim, kernel_size=1) for c in memory_channels)
-        self.memory_pos = nn.ModuleList(LearnedPositionEmbedding(dim, g) for g in memory_grids)
-        self.mask_proj = conv(mask_channels, dim, kernel_size=1)
-        self.query_feat = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
-        self.query_pos = nn.Parameter(torch.randn(1, num_queries, dim) * 0.02)
+        # Linear on tokens rather than 1x1 convs: same maths, and 1x1x1 3D convs are slow on CPUs
+        self.memory_proj = nn.ModuleList(nn.Linear(c, dim) for c in memory_channels)
+        # one learned embedding at the coarsest grid plus a per-level offset (Mask2Former's level
+        # embedding): a learned table per fine level would cost more weights than the whole decoder
+        self.memory_pos = LearnedPositionEmbedding(dim, memory_grids[0])
+        self.level_embed = nn.Parameter(torch.zeros(len(memory_channels), dim))
+        # unit-variance queries, as Mask2Former's nn.Embedding: with small ones all queries start
+        # alike, predict the same mask, and training sits on the class-prior plateau for long
+        self.query_feat = nn.Parameter(torch.randn(1, num_queries, dim))
+        self.query_pos = nn.Parameter(torch.randn(1, num_queries, dim))
         self.cross = nn.ModuleList(MaskedCrossAttention(dim, heads) for _ in range(layers))
-        self.blocks = nn.ModuleList(
-            TransformerBlock(dim, int(round(dim * mlp_ratio)), heads, qkv_bias=True, use_flash_attention=True)
-            for _ in range(layers))
+        self.blocks = nn.ModuleList(self_attention_block(dim, heads, mlp_ratio) for _ in range(layers))
         self.out_norm = nn.LayerNorm(dim)
         self.class_head = nn.Linear(dim, n_classes + 1)
-        self.mask_embed = MLPBlock(dim, dim)
+        # Mask2Former projects the full-resolution features to the query width; projecting each
+        # query to the feature width instead gives the same dot products (both maps are linear)
+        # without a full-resolution projection. MONAI's MLPBlock keeps its width, hence our own.
+        # The extra output is a per-query mask bias (what a projection's bias would give).
+        self.mask_embed = nn.Sequential(nn.Linear(dim, dim), nn.GELU(), nn.Linear(dim, mask_channels + 1))
 
     def predict(self, queries: torch.Tensor, mask_features: torch.Tensor):
-        """Class logits (B, Q, n_classes + 1) and mask logits (B, Q, *S) from queries and (B, dim, *S)."""
+        """Class logits (B, Q, n_classes + 1) and mask logits (B, Q, *S) from queries and (B, C_mask, *S)."""
         q = self.out_norm(queries)
-        masks = torch.einsum("bqc,bc...->bq...", self.mask_embed(q), mask_features)
-        return self.class_head(q), masks
+        embedding = self.mask_embed(q)
+        masks = torch.einsum("bqc,bc...->bq...", embedding[..., :-1], mask_features)
+        bias = embedding[..., -1].reshape(*embedding.shape[:2], *([1] * (mask_features.dim() - 2)))
+        return self.class_head(q), masks + bias
 
     def semantic(self, class_logits: torch.Tensor, mask_logits: torch.Tensor) -> torch.Tensor:
         """log of normalised ``sum_q softmax(class_q)_c * sigmoid(mask_q)``: (B, n_classes, *S)."""
@@ -116,13 +123,13 @@ class QueryMaskDecoder(nn.Module):
         round; ``aux`` holds the same before each round (for deep supervision) if ``with_aux``.
         """
         tokens, positions, small_features = [], [], []
-        features = self.mask_proj(mask_features)
-        for memory, proj, pos in zip(memories, self.memory_proj, self.memory_pos):
+        for memory, proj, level_embed in zip(memories, self.memory_proj, self.level_embed):
             grid = memory.shape[2:]
-            tokens.append(to_tokens(proj(memory)))
-            positions.append(pos.resized(grid).flatten(2).transpose(1, 2).to(tokens[-1].dtype))
+            tokens.append(proj(to_tokens(memory)))
+            pos = self.memory_pos.resized(grid).flatten(2).transpose(1, 2) + level_embed
+            positions.append(pos.to(tokens[-1].dtype))
             # masks at a coarse level = the dot product with downsampled features (both are linear)
-            small_features.append(F.interpolate(features, size=grid, mode=self.mode, align_corners=False))
+            small_features.append(F.interpolate(mask_features, size=grid, mode=self.mode, align_corners=False))
         batch = mask_features.shape[0]
         queries = self.query_feat.expand(batch, -1, -1)
         query_pos = self.query_pos.expand(batch, -1, -1).to(queries.dtype)
@@ -134,6 +141,6 @@ class QueryMaskDecoder(nn.Module):
                 _, coarse_masks = self.predict(queries, small_features[level])
                 blocked = (coarse_masks.flatten(2) < 0).detach()
             if with_aux:
-                aux.append(self.semantic(*self.predict(queries, features)))
+                aux.append(self.semantic(*self.predict(queries, mask_features)))
             queries = block(cross(queries, query_pos, tokens[level], positions[level], blocked))
-        return self.semantic(*self.predict(queries, features)), aux
+        return self.semantic(*self.predict(queries, mask_features)), aux

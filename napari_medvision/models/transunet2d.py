@@ -9,7 +9,7 @@ import torch
 from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetResBlock, UnetUpBlock
 from torch import nn
 
-from ._config import norm_spec
+from ._config import check_input_size, norm_spec
 from ._vit import FeatureMapTransformer
 
 PRESETS: dict[str, dict[str, Any]] = {
@@ -23,7 +23,7 @@ PRESETS: dict[str, dict[str, Any]] = {
               "norm": "instance"},
     # closer to the paper (R50-ViT-B/16 has ~100M parameters; this keeps shipped weights small): a GPU
     "base": {"in_channels": 1, "n_classes": 2, "features": [32, 64, 128, 256], "blocks_per_stage": 3,
-             "img_size": [224, 224], "vit_dim": 384, "vit_depth": 6, "vit_heads": 6, "mlp_ratio": 4.0,
+             "img_size": [224, 224], "vit_dim": 256, "vit_depth": 6, "vit_heads": 8, "mlp_ratio": 4.0,
              "norm": "instance"},
 }
 DEFAULTS = PRESETS["small"]
@@ -86,6 +86,7 @@ class TransUNet2D(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(B, in_channels, H, W) → logits (B, n_classes, H, W)."""
+        check_input_size(x.shape[2:], self.size_divisor, "TransUNet2D")
         skips = [self.stem(x)]
         for stage in self.encoder:
             skips.append(stage(skips[-1]))

@@ -11,7 +11,7 @@ import torch
 from monai.networks.blocks import UnetBasicBlock, UnetOutBlock, UnetUpBlock
 from torch import nn
 
-from ._config import norm_spec
+from ._config import check_input_size, norm_spec
 from ._vit import FeatureMapTransformer
 from .card import CardError
 from .query_decoder import QueryMaskDecoder
@@ -30,10 +30,10 @@ PRESETS: dict[str, dict[str, Any]] = {
               "decoder": "cnn", "num_queries": 8, "query_dim": 64, "query_heads": 4, "query_layers": 3,
               "query_scales": 3, "masked_attention": True, "deep_supervision": False},
     # closer to the paper (nnU-Net stages, 12-layer ViT-B there; narrower here to keep weights small): a GPU
-    "base": {"in_channels": 1, "n_classes": 2, "features": [32, 64, 128, 256, 320],
+    "base": {"in_channels": 1, "n_classes": 2, "features": [24, 48, 96, 192, 256],
              "strides": [[1, 2, 2], [2, 2, 2], [2, 2, 2], [2, 2, 2]], "kernel_sizes": 3,
-             "img_size": [64, 128, 128], "vit_dim": 320, "vit_depth": 6, "vit_heads": 8, "mlp_ratio": 4.0,
-             "norm": "instance", "decoder": "cnn", "num_queries": 20, "query_dim": 192, "query_heads": 8,
+             "img_size": [64, 128, 128], "vit_dim": 256, "vit_depth": 6, "vit_heads": 8, "mlp_ratio": 4.0,
+             "norm": "instance", "decoder": "cnn", "num_queries": 20, "query_dim": 128, "query_heads": 8,
              "query_layers": 6, "query_scales": 3, "masked_attention": True, "deep_supervision": False},
 }
 DEFAULTS = PRESETS["small"]
@@ -63,11 +63,13 @@ class TransUNet3D(nn.Module):
     ``QueryMaskDecoder`` attends to the coarsest ``query_scales`` CNN decoder levels and predicts
     masks on the full-resolution decoder features; it returns the log of normalised per-class
     probabilities, which are logits too (softmax gives the probabilities back), so training
-    losses and inference treat both decoders alike.
+    losses and inference treat both decoders alike. (Under autocast that output stays float32:
+    its sum of small probabilities is taken in float32 before the log.)
 
     With ``deep_supervision``, forward in training mode returns a tuple: the main output first,
     then auxiliary outputs (CNN decoder: coarser decoder levels, finest first, at their own size;
-    transformer decoder: every earlier query round, full size). In eval mode only the main output.
+    transformer decoder: the state before each query round, latest first, full size). In eval
+    mode only the main output.
 
     Attributes:
         size_divisor: ``(sd, sh, sw)``, the product of ``strides`` per axis; D, H, W must be multiples.
@@ -78,7 +80,7 @@ class TransUNet3D(nn.Module):
         features: channels of the encoder stages, fine to coarse.
         strides: downsampling from each stage to the next, ``len(features) - 1`` entries, each an
             int or ``[sd, sh, sw]`` (e.g. ``[1, 2, 2]`` keeps thick slices); one int or triple
-            applies to all.
+            applies to all (a flat list of ``len(features) - 1`` ints is one int per step).
         kernel_sizes: conv kernel per stage (``len(features)`` entries), int or triple, or one for all.
         img_size: training patch ``(D, H, W)`` in voxels; sizes the position embeddings.
         vit_dim: token width of the bottleneck ViT.
@@ -145,6 +147,7 @@ class TransUNet3D(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """(B, in_channels, D, H, W) → logits (B, n_classes, D, H, W) (a tuple with deep supervision)."""
+        check_input_size(x.shape[2:], self.size_divisor, "TransUNet3D")
         h = x
         skips = []
         for stage in self.encoder:

@@ -25,13 +25,25 @@ def recipe_arguments(description: str, steps: int, batch_size: int, preset: str)
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--steps", type=int, default=steps, help="optimiser steps at most")
     parser.add_argument("--batch-size", type=int, default=batch_size)
-    parser.add_argument("--preset", default=preset, help="architecture size: tiny, small or base")
+    parser.add_argument("--preset", default=preset, help="architecture size: tiny, cpu, small or base")
     parser.add_argument("--time-budget", type=float, default=None, help="stop training after this many seconds")
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     parser.add_argument("--out", type=Path, default=REPO / "weights", help="folder for <id>.safetensors + card")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     return parser
+
+
+def architecture_preset(dims: int, preset: str) -> dict:
+    """The TransUNet config of a named size; "cpu" is the small config thinned to train on 2 CPU cores."""
+    from ..models.transunet import PRESETS_2D, PRESETS_3D
+
+    presets = PRESETS_2D if dims == 2 else PRESETS_3D
+    if preset != "cpu":
+        return dict(presets[preset])
+    if dims == 2:
+        return dict(presets["small"], blocks_per_stage=1, vit_depth=2)
+    return dict(presets["small"], features=[8, 16, 32, 64], vit_dim=64, vit_depth=2)
 
 
 def device_summary(device: str) -> str:

@@ -1,0 +1,1 @@
+"""Dock panels: each collects parameters, runs one task function off the GUI thread, adds a layer."""

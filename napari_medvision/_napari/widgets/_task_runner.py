@@ -1,0 +1,96 @@
+"""Run a task function off the GUI thread with a progress bar and a cancel button.
+
+The task gets ``progress=`` (feeds the bar through a Qt signal, safe from the worker thread) and
+``cancel=`` (a token the button sets). The result goes to ``on_done`` on the GUI thread; errors
+become one notification; a cancel adds nothing, so nothing the user made is touched.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from napari.qt.threading import create_worker
+from qtpy.QtCore import QObject, Signal
+from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
+
+from ...engine.progress import CancelToken, Cancelled
+from ..notify import show_problem
+
+
+class _ProgressSignal(QObject):
+    changed = Signal(int, int, str)
+
+
+class TaskRunner(QWidget):
+    """A run button, a progress bar, a cancel button and a status line for one long task."""
+
+    def __init__(self, run_label: str, parent: QWidget | None = None):
+        super().__init__(parent)
+        self.run_button = QPushButton(run_label)
+        self.cancel_button = QPushButton("Cancel")
+        self.cancel_button.setEnabled(False)
+        self.bar = QProgressBar()
+        self.bar.setRange(0, 1)
+        self.bar.setValue(0)
+        self.status = QLabel("")
+        self.status.setWordWrap(True)
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.run_button)
+        buttons.addWidget(self.cancel_button)
+        layout = QVBoxLayout(self)
+        layout.setContentsMargins(0, 0, 0, 0)
+        layout.addLayout(buttons)
+        layout.addWidget(self.bar)
+        layout.addWidget(self.status)
+        self._signal = _ProgressSignal()
+        self._signal.changed.connect(self._show_progress)
+        self._token: CancelToken | None = None
+        self.worker = None
+        self.cancel_button.clicked.connect(self.cancel)
+
+    def start(self, task: Callable[..., Any], on_done: Callable[[Any], None], **kwargs: Any) -> None:
+        """Run ``task(**kwargs, progress=..., cancel=...)`` in a worker thread."""
+        self._token = CancelToken()
+        self.run_button.setEnabled(False)
+        self.cancel_button.setEnabled(True)
+        self.status.setText("running…")
+        self.bar.setRange(0, 0)  # busy until the first report
+        worker = create_worker(task, progress=self._signal.changed.emit, cancel=self._token, **kwargs,
+                               _start_thread=False)
+        worker.returned.connect(lambda result: self._finish(on_done, result))
+        worker.errored.connect(self._failed)
+        worker.finished.connect(self._reset)
+        self.worker = worker
+        worker.start()
+
+    def cancel(self) -> None:
+        if self._token is not None:
+            self._token.cancel()
+            self.status.setText("cancelling…")
+
+    def _show_progress(self, done: int, total: int, message: str) -> None:
+        self.bar.setRange(0, max(total, 1))
+        self.bar.setValue(min(done, total))
+        if message:
+            self.status.setText(message)
+
+    def _finish(self, on_done: Callable[[Any], None], result: Any) -> None:
+        try:
+            on_done(result)
+            self.status.setText("done")
+        except Exception as exc:  # showing the result failed: say so, keep napari running
+            show_problem(f"could not show the result: {exc}")
+
+    def _failed(self, exc: Exception) -> None:
+        if isinstance(exc, Cancelled):
+            self.status.setText("cancelled: nothing was changed")
+            return
+        self.status.setText(f"failed: {exc}")
+        show_problem(str(exc))
+
+    def _reset(self) -> None:
+        self.run_button.setEnabled(True)
+        self.cancel_button.setEnabled(False)
+        self.bar.setRange(0, 1)
+        self.bar.setValue(1 if self.status.text() == "done" else 0)
+        self._token = None

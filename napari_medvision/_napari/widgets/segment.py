@@ -1,0 +1,108 @@
+"""Segment panel: image layer + model (filtered by the layer's modality) + device -> new Labels layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import napari
+from napari.layers import Image, Layer
+from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QVBoxLayout, QWidget
+
+from ... import models
+from ...tasks.segment import segment
+from ..layers import METADATA_KEY, layer_to_volume, volume_to_layer
+from ._task_runner import TaskRunner
+
+
+def image_volume(layer: Image):
+    """The Volume behind an image layer (geometry from the layer's metadata or transform)."""
+    data, meta, kind = layer.as_layer_data_tuple()
+    return layer_to_volume(data, meta, kind)
+
+
+def devices() -> list[str]:
+    import torch
+
+    found = ["auto", "cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        found.append("mps")
+    return found
+
+
+class SegmentWidget(QWidget):
+    """Pick an image layer and a model; the segmentation arrives as a new Labels layer."""
+
+    def __init__(self, napari_viewer: napari.Viewer):
+        super().__init__()
+        self.viewer = napari_viewer
+        self.layer_box = QComboBox()
+        self.model_box = QComboBox()
+        self.device_box = QComboBox()
+        self.device_box.addItems(devices())
+        self.overlap = QDoubleSpinBox()
+        self.overlap.setRange(0.0, 0.9)
+        self.overlap.setSingleStep(0.05)
+        self.overlap.setValue(0.5)
+        form = QFormLayout()
+        form.addRow("image", self.layer_box)
+        form.addRow("model", self.model_box)
+        form.addRow("device", self.device_box)
+        form.addRow("tile overlap", self.overlap)
+        self.runner = TaskRunner("Segment")
+        layout = QVBoxLayout(self)
+        layout.addLayout(form)
+        layout.addWidget(self.runner)
+        layout.addStretch(1)
+        self.runner.run_button.clicked.connect(self.run)
+        self.layer_box.currentTextChanged.connect(self._refresh_models)
+        for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
+            event.connect(self._refresh_layers)
+        self._refresh_layers()
+
+    def selected_layer(self) -> Image | None:
+        name = self.layer_box.currentText()
+        return self.viewer.layers[name] if name in self.viewer.layers else None
+
+    def _refresh_layers(self, *_: Any) -> None:
+        current = self.layer_box.currentText()
+        self.layer_box.blockSignals(True)
+        self.layer_box.clear()
+        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+        self.layer_box.addItems(names)
+        if current in names:
+            self.layer_box.setCurrentText(current)
+        self.layer_box.blockSignals(False)
+        self._refresh_models()
+
+    def _refresh_models(self, *_: Any) -> None:
+        layer = self.selected_layer()
+        modality = _modality(layer) if layer is not None else None
+        cards = models.available(task="segmentation")
+        fitting = [c for c in cards if modality is None or c.modality.lower() == modality.lower()]
+        self.model_box.clear()
+        for card in fitting or cards:
+            self.model_box.addItem(f"{card.id} ({card.source})", card.id)
+
+    def run(self) -> None:
+        layer = self.selected_layer()
+        model_id = self.model_box.currentData()
+        if layer is None or model_id is None:
+            self.runner.status.setText("choose an image layer and a model first")
+            return
+        volume = image_volume(layer)
+        device = self.device_box.currentText()
+        self.runner.start(
+            segment, lambda result: self._add_result(result, layer, model_id),
+            volume=volume, model=model_id, device=None if device == "auto" else device,
+            overlap=float(self.overlap.value()),
+        )
+
+    def _add_result(self, result, source: Layer, model_id: str) -> None:
+        data, kwargs, kind = volume_to_layer(result, name=f"{source.name} – {model_id}")
+        self.viewer.add_layer(Layer.create(data, kwargs, kind))
+
+
+def _modality(layer: Layer) -> str | None:
+    return (layer.metadata.get(METADATA_KEY) or {}).get("modality")
