@@ -1,6 +1,10 @@
 """napari-medvision: 3D medical imaging with true geometry, headless first.
 
-``import napari_medvision as mv`` gives the same operations the napari panels run.
+``import napari_medvision as mv`` gives the same operations the napari panels run::
+
+    vol = mv.load("scan.nii.gz")
+    seg = mv.segment(vol, model="ct-abdomen-organs-3d")
+    mv.save(seg, "organs.nii.gz")
 """
 
 from __future__ import annotations
@@ -11,4 +15,17 @@ from .volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["Volume", "load", "load_all", "save", "io", "__version__"]
+__all__ = ["Volume", "load", "load_all", "save", "segment", "models", "io", "__version__"]
+
+
+def __getattr__(name: str):
+    # Models and tasks import torch: load them on first use so `import napari_medvision` stays fast.
+    if name == "models":
+        import importlib
+
+        return importlib.import_module(f"{__name__}.models")
+    if name == "segment":
+        from .tasks.segment import segment
+
+        return segment
+    raise AttributeError(f"module 'napari_medvision' has no attribute {name!r}")

@@ -21,6 +21,20 @@ class _ProgressSignal(QObject):
     changed = Signal(int, int, str)
 
 
+class _Failed:
+    """What crosses back from the worker thread when the task raised (so napari sees no error)."""
+
+    def __init__(self, error: Exception):
+        self.error = error
+
+
+def _guarded(task: Callable[..., Any], /, **kwargs: Any) -> Any:
+    try:
+        return task(**kwargs)
+    except Exception as exc:  # reported on the GUI thread as one notification (or "cancelled")
+        return _Failed(exc)
+
+
 class TaskRunner(QWidget):
     """A run button, a progress bar, a cancel button and a status line for one long task."""
 
@@ -55,10 +69,9 @@ class TaskRunner(QWidget):
         self.cancel_button.setEnabled(True)
         self.status.setText("running…")
         self.bar.setRange(0, 0)  # busy until the first report
-        worker = create_worker(task, progress=self._signal.changed.emit, cancel=self._token, **kwargs,
-                               _start_thread=False)
+        worker = create_worker(_guarded, task, progress=self._signal.changed.emit, cancel=self._token,
+                               **kwargs, _start_thread=False)
         worker.returned.connect(lambda result: self._finish(on_done, result))
-        worker.errored.connect(self._failed)
         worker.finished.connect(self._reset)
         self.worker = worker
         worker.start()
@@ -75,6 +88,9 @@ class TaskRunner(QWidget):
             self.status.setText(message)
 
     def _finish(self, on_done: Callable[[Any], None], result: Any) -> None:
+        if isinstance(result, _Failed):
+            self._failed(result.error)
+            return
         try:
             on_done(result)
             self.status.setText("done")
