@@ -15,7 +15,7 @@ from .volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["Volume", "load", "load_all", "save", "segment", "models", "io", "__version__"]
+__all__ = ["Volume", "load", "load_all", "save", "segment", "finetune", "models", "io", "__version__"]
 
 
 def __getattr__(name: str):
@@ -28,4 +28,8 @@ def __getattr__(name: str):
         from .tasks.segment import segment
 
         return segment
+    if name == "finetune":
+        from .tasks.finetune import finetune
+
+        return finetune
     raise AttributeError(f"module 'napari_medvision' has no attribute {name!r}")

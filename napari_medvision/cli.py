@@ -55,6 +55,22 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("--series", help="DICOM series to read when a folder holds several (index or UID)")
     seg.set_defaults(run=_segment)
 
+    tune = sub.add_parser("finetune", help="fine-tune a model on corrected label maps; saves a new user model")
+    tune.add_argument("model", help="model id (see `medvision models`) or checkpoint path")
+    tune.add_argument("--image", action="append", required=True, help="image file or folder (repeat for several)")
+    tune.add_argument("--labels", action="append", required=True,
+                      help="corrected label map on that image's grid (one per --image, same order)")
+    tune.add_argument("--slices", action="append", default=None,
+                      help="corrected slice indices along axis 0, e.g. 3,7,12 (one per --image; default: "
+                           "every labelled slice)")
+    tune.add_argument("--steps", type=int, default=None, help="optimiser steps at most (default 200)")
+    tune.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
+    tune.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    tune.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    tune.add_argument("--seed", type=int, default=0)
+    tune.add_argument("--id", dest="new_id", default=None, help="id of the new model (default <model>-ft-<time>)")
+    tune.set_defaults(run=_finetune)
+
     models = sub.add_parser("models", help="list shipped and user models")
     models.add_argument("--modality", help="only models for this modality (CT, MR, OCT, fundus)")
     models.add_argument("--json", action="store_true", help="print the cards as JSON")
@@ -117,6 +133,35 @@ def _segment(args) -> int:
     io.save(labels, args.output)
     found = sorted(labels.labels[v] for v in set(int(x) for x in _unique(labels.data)) if v in labels.labels)
     print(f"wrote {args.output}: {len(found)} structures found ({', '.join(found)})")
+    return 0
+
+
+def _finetune(args) -> int:
+    from . import io
+    from .engine.progress import terminal_progress
+    from .tasks.finetune import finetune
+
+    if len(args.labels) != len(args.image):
+        raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels: give one label map per image")
+    slices = None
+    if args.slices:
+        if len(args.slices) != len(args.image):
+            raise ValueError(f"{len(args.image)} --image but {len(args.slices)} --slices: give one list per image")
+        try:
+            slices = [[int(s) for s in text.split(",") if s.strip()] for text in args.slices]
+        except ValueError:
+            raise ValueError(f"--slices takes comma-separated slice numbers such as 3,7,12, got {args.slices}")
+    images = [io.load(path) for path in args.image]
+    labels = [io.load(path) for path in args.labels]
+    for volume, path in zip(images + labels, args.image + args.labels):
+        volume.meta.setdefault("name", Path(path).name)
+    card = finetune(args.model, images=images, labels=labels, slices=slices, steps=args.steps,
+                    time_budget_s=args.time_budget, device=args.device, freeze_encoder=args.freeze_encoder,
+                    seed=args.seed, new_id=args.new_id, progress=terminal_progress("finetune "))
+    print(f"saved model {card.id} in {card.weights_path.parent} ({card.training['steps']} steps, "
+          f"{card.training['wall_time_s']} s)")
+    for name, value in card.metrics.items():
+        print(f"{name}: {value}")
     return 0
 
 

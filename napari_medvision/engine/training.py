@@ -66,7 +66,10 @@ def train_segmentation(
 ) -> TrainResult:
     """Train ``network`` on batches from ``sample_batch``; return the best weights and curves.
 
-    sample_batch(rng, batch_size) -> (images (B, C, *patch) float32, labels (B, 1, *patch) int).
+    sample_batch(rng, batch_size) -> (images (B, C, *patch) float32, labels (B, 1, *patch) int), or
+    a third array ``mask`` (B, 1, *patch) bool: only voxels where it is True count in the loss
+    (fine-tuning on corrected slices ignores the rest). With deep supervision the network's first
+    output (full resolution) is trained.
     validate(network) -> a score where higher is better (e.g. mean Dice); without it the last
     weights count as best. A cancel keeps the best weights so far (raised as ``Cancelled`` with
     ``.result`` attached). ``checkpoint``: a path prefix to resume from and save to.
@@ -87,6 +90,7 @@ def train_segmentation(
     optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False)
+    masked_loss_fn = MaskedDiceCELoss()
     use_amp = config.amp and device.startswith("cuda")
 
     state = {"step": 0, "best_score": -math.inf, "history": [], "bad_validations": 0, "seconds": 0.0}
@@ -99,12 +103,17 @@ def train_segmentation(
     try:
         while state["step"] < config.steps:
             check(cancel)
-            x, y = sample_batch(rng, config.batch_size)
-            x = torch.from_numpy(x).to(device)
-            y = torch.from_numpy(y).to(device)
+            batch = sample_batch(rng, config.batch_size)
+            x = torch.from_numpy(batch[0]).to(device)
+            y = torch.from_numpy(batch[1]).to(device)
             with torch.autocast(device_type="cuda", dtype=torch.bfloat16, enabled=use_amp):
                 logits = network(x)
-            loss = loss_fn(logits.float(), y)
+            if isinstance(logits, (tuple, list)):  # deep supervision: the full-resolution head first
+                logits = logits[0]
+            if len(batch) > 2:
+                loss = masked_loss_fn(logits.float(), y, torch.from_numpy(batch[2]).to(device))
+            else:
+                loss = loss_fn(logits.float(), y)
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 12.0)
@@ -147,6 +156,27 @@ def train_segmentation(
     network.eval()
     return TrainResult(best_state, state["best_score"], state["step"], time.perf_counter() - start,
                        state["history"], stopped)
+
+
+class MaskedDiceCELoss:
+    """Dice (MONAI ``MaskedDiceLoss``, foreground classes) + cross-entropy over masked voxels only.
+
+    logits (B, n_classes, *patch), labels (B, 1, *patch) int, mask (B, 1, *patch) bool. A batch
+    with no masked voxel gives a zero loss that still has a gradient path (no NaN).
+    """
+
+    def __init__(self) -> None:
+        from monai.losses import MaskedDiceLoss
+
+        self.dice = MaskedDiceLoss(to_onehot_y=True, softmax=True, include_background=False)
+
+    def __call__(self, logits, labels, mask):
+        import torch.nn.functional as F
+
+        weight = mask.to(logits.dtype)
+        ce = F.cross_entropy(logits, labels[:, 0], reduction="none")
+        ce = (ce * weight[:, 0]).sum() / weight.sum().clamp(min=1.0)
+        return self.dice(logits, labels, weight) + ce
 
 
 def _validate(network, validate) -> float:

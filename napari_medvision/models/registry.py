@@ -160,6 +160,7 @@ def save_model(network: "torch.nn.Module", card: ModelCard, folder: Path | None 
     try:
         save_file(state, str(tmp))
         card.sha256 = sha256_of(tmp)
+        tmp.chmod(0o644)  # safetensors creates private files; models are meant to be shared
         tmp.replace(weights)
         try:
             write_card(card, folder / f"{card.id}.json")

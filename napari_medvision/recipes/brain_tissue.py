@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     template = data_dir() / "mri_brain_mni152"
 
-    syn_images, syn_labels = phantoms(range(args.phantoms), template)
+    syn_images, syn_labels = phantoms(range(100, 100 + args.phantoms), template)
     val_images, val_labels = phantoms(range(1000, 1002), template)
     sampler = PatchSampler(syn_images, syn_labels, PATCH, foreground_fraction=0.7)
     t1, reference = mni_reference()

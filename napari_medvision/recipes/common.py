@@ -75,6 +75,11 @@ def binary_metrics(probability: np.ndarray, truth: np.ndarray, mask: np.ndarray 
             "specificity": float(tn / max(tn + fp, 1)), "auc": roc_auc(p, t)}
 
 
+CPU_NOTE = ("trained on a 2-core CPU (no GPU lent to this task) at a reduced scale: the thinned 'cpu' "
+            "architecture preset and a short time budget; a GPU run should redo it with --preset small or base "
+            "and several times more steps")
+
+
 def training_summary(device: str, result, config, data: str, synthetic_share: float, recipe: str) -> dict:
     return {
         "data": data,
@@ -87,6 +92,7 @@ def training_summary(device: str, result, config, data: str, synthetic_share: fl
         "recipe": recipe,
         "date": date.today().isoformat(),
         "validation_curve": result.history,
+        "scale": CPU_NOTE if not device.startswith("cuda") else "GPU run",
     }
 
 

@@ -100,7 +100,7 @@ def main(argv: list[str] | None = None) -> int:
 
     train_image, train_labels = real_bscan("exampleOCTimage0001.tif")
     held_image, held_labels = real_bscan("exampleOCTimage0002.tif")
-    syn_images, syn_labels = synthetic_bscans(range(args.phantoms))
+    syn_images, syn_labels = synthetic_bscans(range(100, 100 + args.phantoms))
     val_images, val_labels = synthetic_bscans(range(1000, 1002))
     # The real B-scan counts several times: it is one image against dozens of phantoms.
     sampler = PatchSampler(syn_images + [train_image] * 4, syn_labels + [train_labels] * 4, PATCH,

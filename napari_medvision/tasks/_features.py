@@ -1,0 +1,103 @@
+"""Per-pixel appearance features for prompting: intensities at several scales, edges, ridges, DINO.
+
+Features are computed slice by slice (2D filters along the last two axes), as the prompt head
+judges each slice on its own pixel grid. Channels, per image channel, with sigma in pixels:
+intensity; Gaussian-smoothed at 1, 2, 4; gradient magnitude at 1, 2; Hessian eigenvalues at 1
+and 2 (ridges: vessels, thin cortex). DINO patch features, when a backbone is named, are reduced
+by PCA and upsampled bilinearly to pixels (``engine.embeddings.FeatureVolume.at_pixels``).
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from scipy import ndimage as ndi
+
+from ..volume import Volume
+
+SMOOTH = (1.0, 2.0, 4.0)
+EDGES = (1.0, 2.0)
+DINO_COMPONENTS = 16
+
+
+def normalised(volume: Volume) -> np.ndarray:
+    """Image as float32 ``(z, y, x[, c])`` in about [0, 1], comparable between scans of one modality.
+
+    CT keeps Hounsfield units meaningful (a soft-tissue window), so a head fitted on one scan
+    reads another; other images are scaled by their own 0.5-99.5 percentiles (MR units are arbitrary).
+    """
+    data = np.asarray(volume.data, dtype=np.float32)
+    if volume.modality == "CT" and not volume.rgb:
+        return np.clip((data + 250.0) / 600.0, -0.5, 1.5, dtype=np.float32)
+    channels = data[..., None] if not volume.rgb else data
+    out = np.empty(channels.shape, dtype=np.float32)
+    for c in range(channels.shape[-1]):
+        one = channels[..., c]
+        sample = one[one != 0] if np.count_nonzero(one) > one.size // 10 else one.ravel()
+        lo, hi = np.percentile(sample[:: max(1, sample.size // 2_000_000)], [0.5, 99.5])
+        out[..., c] = np.clip((one - lo) / max(hi - lo, 1e-6), 0, 1)
+    return out if volume.rgb else out[..., 0]
+
+
+def as_slices(image: np.ndarray, rgb: bool) -> np.ndarray:
+    """``(n, y, x, c)``: 2D images become one slice, grey images one channel."""
+    if not rgb:
+        image = image[..., None]
+    return image[None] if image.ndim == 3 else image
+
+
+def intensity_features(slices: np.ndarray) -> np.ndarray:
+    """``(n, y, x, F)`` float32 filter responses of ``slices`` ``(n, y, x, c)``."""
+    out = []
+    for c in range(slices.shape[-1]):
+        image = slices[..., c]
+        out.append(image)
+        for s in SMOOTH:
+            out.append(ndi.gaussian_filter(image, (0, s, s)))
+        for s in EDGES:
+            out.append(ndi.gaussian_gradient_magnitude(image, (0, s, s)))
+            hyy = ndi.gaussian_filter(image, (0, s, s), order=(0, 2, 0))
+            hxx = ndi.gaussian_filter(image, (0, s, s), order=(0, 0, 2))
+            hxy = ndi.gaussian_filter(image, (0, s, s), order=(0, 1, 1))
+            half_trace, root = (hxx + hyy) / 2, np.sqrt(((hxx - hyy) / 2) ** 2 + hxy ** 2)
+            out += [(half_trace + root) * s * s, (half_trace - root) * s * s]  # scale-normalised
+    return np.stack(out, axis=-1).astype(np.float32)
+
+
+def dino_features(volume: Volume, backbone, device: Optional[str], progress=None, cancel=None,
+                  basis: Optional[tuple[np.ndarray, np.ndarray]] = None):
+    """``((n, y, x, 16) float32, basis)``: DINO patch features, PCA-reduced, upsampled to pixels.
+
+    The PCA basis of the first image is passed on to the others (examples and target) so the
+    head reads every image in the same coordinates.
+    """
+    import torch
+
+    from ..engine.embeddings import FeatureVolume, slice_features
+
+    feats = slice_features(volume, backbone, device=device, progress=progress, cancel=cancel)
+    grid = feats.features.astype(np.float32)  # (n, C, h, w)
+    flat = grid.transpose(0, 2, 3, 1).reshape(-1, grid.shape[1])
+    if basis is None:
+        mean = flat.mean(0)
+        _, _, vt = np.linalg.svd(flat[:: max(1, len(flat) // 20000)] - mean, full_matrices=False)
+        basis = (mean, vt[:DINO_COMPONENTS].T.copy())
+    mean, components = basis
+    reduced = ((flat - mean) @ components).reshape(grid.shape[0], grid.shape[2], grid.shape[3], -1)
+    small = FeatureVolume(np.ascontiguousarray(reduced.transpose(0, 3, 1, 2)), feats.image_shape,
+                          feats.resized_shape, feats.patch_size)
+    with torch.no_grad():
+        pixels = np.stack([small.at_pixels(i).numpy().transpose(1, 2, 0) for i in range(small.n_slices)])
+    return pixels.astype(np.float32), basis
+
+
+def load_backbone(model):
+    """The DINO backbone for ``model`` (id, checkpoint path or Backbone); ``None`` for no DINO."""
+    if model is None:
+        return None
+    if hasattr(model, "features") and hasattr(model, "patch_size"):
+        return model
+    from ..models.dino import load_backbone as load
+
+    return load(model)

@@ -1,0 +1,146 @@
+"""Appearance head fitted on the prompt, its product with a spatial prior, and the final clean-up.
+
+The head is a two-layer MLP on per-pixel features (``_features``), fitted in about a second on
+the pixels the user gave (annotated slices, or example scans). It knows what each label looks
+like but not where it is; the prior (propagated slices or registered examples) knows where but
+not the exact boundary. Their product, ``p(c) ~ head(c) * prior(c) ** weight``, keeps both.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import numpy as np
+from scipy import ndimage as ndi
+
+MAX_SAMPLES = 40_000
+EPS = 1e-3
+
+
+class AppearanceHead:
+    """Softmax MLP ``features -> (n_classes,)``; class 0 is background."""
+
+    def __init__(self, n_classes: int, hidden: int = 32, steps: int = 250, device: str = "cpu", seed: int = 0):
+        self.n_classes, self.hidden, self.steps, self.device, self.seed = n_classes, hidden, steps, device, seed
+        self.net = None
+
+    def fit(self, features: np.ndarray, classes: np.ndarray) -> "AppearanceHead":
+        """Fit on ``features`` ``(N, F)`` and class ids ``(N,)``; a class-balanced subsample of at most 40k."""
+        import torch
+
+        rng = np.random.default_rng(self.seed)
+        picked = _balanced_sample(classes, MAX_SAMPLES, rng)
+        x = torch.from_numpy(features[picked].astype(np.float32)).to(self.device)
+        y = torch.from_numpy(classes[picked].astype(np.int64)).to(self.device)
+        self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-4)
+        counts = torch.bincount(y, minlength=self.n_classes).float()
+        # Sampling balanced the classes; weighting by sqrt(frequency) gives back part of the prior
+        # odds, so a rare label is neither drowned nor painted everywhere.
+        freq = torch.from_numpy(np.bincount(classes, minlength=self.n_classes) / len(classes)).float()
+        weight = (freq.sqrt() / counts.clamp_min(1) * len(y)).to(self.device)
+        weight = torch.where(counts.to(self.device) > 0, weight / weight[counts.to(self.device) > 0].mean(), weight)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            self.net = torch.nn.Sequential(
+                torch.nn.Linear(x.shape[1], self.hidden), torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
+                torch.nn.Linear(self.hidden, self.n_classes)).to(self.device)
+        optimiser = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-4)
+        loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+        xs = (x - self.mean) / self.std
+        for _ in range(self.steps):
+            optimiser.zero_grad()
+            loss = loss_fn(self.net(xs), y)
+            loss.backward()
+            optimiser.step()
+        return self
+
+    def predict(self, features: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
+        """Class probabilities ``(n_classes, *features.shape[:-1])`` float32."""
+        import torch
+
+        flat = features.reshape(-1, features.shape[-1])
+        out = np.empty((flat.shape[0], self.n_classes), dtype=np.float32)
+        with torch.no_grad():
+            for start in range(0, flat.shape[0], chunk):
+                x = torch.from_numpy(flat[start:start + chunk]).to(self.device)
+                logits = self.net((x - self.mean) / self.std)
+                out[start:start + chunk] = torch.softmax(logits, dim=1).cpu().numpy()
+        return np.moveaxis(out, 1, 0).reshape((self.n_classes,) + features.shape[:-1])
+
+
+def _balanced_sample(classes: np.ndarray, total: int, rng) -> np.ndarray:
+    present = np.unique(classes)
+    per_class = max(1, total // len(present))
+    picked = []
+    for c in present:
+        where = np.flatnonzero(classes == c)
+        picked.append(where if len(where) <= per_class else rng.choice(where, per_class, replace=False))
+    return np.concatenate(picked)
+
+
+def soften(prior: np.ndarray, distance: Optional[np.ndarray] = None, base: float = 1.0, per_slice: float = 0.5,
+           cap: float = 6.0) -> np.ndarray:
+    """The prior ``(K+1, z, y, x)`` blurred in-plane, more the farther a slice is from its source.
+
+    distance: ``(z,)`` slices to the nearest annotated slice (None: ``base`` everywhere). A mask
+    carried over ten slices is only roughly where the organ is; its edge should not be trusted.
+    """
+    out = np.empty_like(prior)
+    dist = np.zeros(prior.shape[1]) if distance is None else np.asarray(distance, dtype=float)
+    for z in range(prior.shape[1]):
+        sigma = min(cap, base + per_slice * dist[z])
+        out[:, z] = ndi.gaussian_filter(prior[:, z], (0, sigma, sigma)) if sigma > 0 else prior[:, z]
+    out /= np.maximum(out.sum(0, keepdims=True), 1e-6)
+    return out
+
+
+def combine(head: Optional[np.ndarray], prior: Optional[np.ndarray], weight: float = 1.0) -> np.ndarray:
+    """``head * prior ** weight`` normalised over classes; either may be None (then the other alone)."""
+    if head is None:
+        return prior
+    if prior is None:
+        return head
+    log = np.log(np.maximum(head, EPS)) + weight * np.log(np.maximum(prior, EPS))
+    log -= log.max(0, keepdims=True)
+    p = np.exp(log)
+    return p / p.sum(0, keepdims=True)
+
+
+def compact_labels(annotations: np.ndarray, slices, class_ids) -> set[int]:
+    """Labels drawn as one blob per slice (organs), for which stray islands are errors.
+
+    A label counts as compact when, over the annotated slices, its largest 2D component holds at
+    least 85 % of its area; grey matter, vessels and other many-piece labels keep all pieces.
+    """
+    compact = set()
+    for k in class_ids:
+        total = biggest = 0
+        for z in slices:
+            mask = annotations[z] == k
+            if not mask.any():
+                continue
+            lab, n = ndi.label(mask)
+            sizes = np.bincount(lab.ravel())[1:]
+            total += int(sizes.sum())
+            biggest += int(sizes.max())
+        if total and biggest >= 0.85 * total:
+            compact.add(int(k))
+    return compact
+
+
+def clean_up(classes: np.ndarray, compact: set[int]) -> np.ndarray:
+    """Class map with each compact label reduced to its largest 3D component and holes filled per slice."""
+    out = classes.copy()
+    for k in compact:
+        mask = classes == k
+        if not mask.any():
+            continue
+        lab, n = ndi.label(mask)
+        if n > 1:
+            keep = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+            out[mask & ~keep] = 0
+            mask = keep
+        filled = np.stack([ndi.binary_fill_holes(m) for m in mask]) if mask.ndim == 3 else ndi.binary_fill_holes(mask)
+        out[filled & (out == 0)] = k
+    return out

@@ -1,0 +1,455 @@
+"""``mv.finetune``: a new model trained further on the slices a user corrected, saved apart.
+
+The corrected label maps supervise only the slices the user actually edited (``slices=``, or
+every slice holding a label): the model's own unedited output elsewhere must not teach it. The
+images are prepared exactly as inference prepares them (``prepare_image``: the card's spacing
+and normalisation), a few corrected slices are held out for validation and early stopping, and
+the result goes into the user model folder with a card naming its parent. Shipped weights are
+never written.
+
+    card = mv.finetune("ct-abdomen-organs-3d", images=[ct], labels=[corrected], slices=[[12, 20, 31]])
+    seg = mv.segment(ct, model=card.id)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+
+from ..engine.progress import CancelToken, Cancelled, ProgressFn, check, report
+from ..models.card import CardError, ModelCard
+from ..volume import Volume
+
+VAL_FRACTION = 0.2        # share of the corrected slices held out for validation (3 slices at least)
+DEFAULT_STEPS = 200
+LEARNING_RATE = 3e-4      # a tenth of the recipes' peak: move the model, do not retrain it
+
+
+@dataclass
+class Corrections:
+    """Training items on the model's grid: images ``(C, *spatial)``, labels, and where they count.
+
+    ``train`` / ``val`` are boolean masks over each item's voxels: the corrected slices used for
+    training and those held out for validation. A 2D model on 3D volumes gets one item per slice.
+    """
+
+    images: list[np.ndarray]
+    labels: list[np.ndarray]
+    train: list[np.ndarray]
+    val: list[np.ndarray]
+    summary: dict
+
+
+def finetune(
+    model: str | os.PathLike | ModelCard,
+    images: Sequence[Volume],
+    labels: Sequence[Volume],
+    slices: Optional[Sequence[Optional[Sequence[int]]]] = None,
+    steps: Optional[int] = None,
+    time_budget_s: Optional[float] = None,
+    device: Optional[str] = None,
+    freeze_encoder: bool = False,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+    seed: int = 0,
+    new_id: Optional[str] = None,
+    batch_size: Optional[int] = None,
+    learning_rate: float = LEARNING_RATE,
+    validate_every: Optional[int] = None,
+    patience: Optional[int] = 4,
+    folder: Optional[os.PathLike] = None,
+    on_validation: Optional[Callable[[dict], None]] = None,
+) -> ModelCard:
+    """The card of a new model: ``model`` fine-tuned on corrected label maps, saved in the user folder.
+
+    images / labels: one image and its corrected label map per volume, on the same grid.
+    slices: per volume, the indices along axis 0 (axial slices of a 3D scan, rows of a 2D image)
+        the user corrected; ``None`` (for all volumes or one) takes every slice holding a label.
+        Only these voxels train the model; background painted there counts as a correction too.
+    steps / time_budget_s: optimiser steps at most and a wall-clock limit; without either,
+        200 steps. Validation on the held-out corrected slices keeps the best weights and stops
+        early after ``patience`` validations without improvement.
+    freeze_encoder: train only the decoder (fewer corrections needed, less forgetting).
+    new_id: id of the new model (default ``<parent>-ft-<date-time>``); an interrupted run with the
+        same id and the same data resumes from its checkpoint.
+    folder: where the model goes (default the user model folder); never the shipped ``weights/``.
+    on_validation: called with ``{step, loss, score, seconds}`` after every validation (live plots).
+
+    Raises ValueError naming the volume and the problem for empty corrections, mismatched shapes
+    or spacing, or label ids the model does not have; ``Cancelled`` (with ``.checkpoint``) on a
+    cancel, keeping the last checkpoint on disk; ``CardError`` when the folder cannot be written.
+    """
+    import torch
+
+    from ..engine.device import resolve_device
+    from ..engine.training import TrainConfig, train_segmentation
+    from ..models.registry import get_card, load_model, save_model, user_dir, weights_dir
+
+    started = time.perf_counter()
+    parent = get_card(model)
+    slices = check_corrections(parent, images, labels, slices)
+    device = resolve_device(device)
+    new_id = new_id or f"{parent.id}-ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(folder) if folder is not None else user_dir()
+    _check_new_id(new_id, parent, folder, weights_dir())
+    _check_writable(folder)
+
+    report(progress, 0, 1, "preparing the corrected slices")
+    data = prepare_corrections(parent, images, labels, slices)
+    check(cancel)
+    network, parent = load_model(parent, device=device)
+    dims = int(parent.input.get("dims", 3))
+    patch = training_patch(parent, network, data.images)
+    if batch_size is None:
+        batch_size = (8 if device.startswith("cuda") else 4) if dims == 2 else 2
+    if steps is None:
+        steps = DEFAULT_STEPS if time_budget_s is None else 100_000
+    every = validate_every or max(5, min(50, steps // 10))
+    config = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=learning_rate, warmup_steps=min(10, steps),
+                         val_every=every, patience=patience if data.summary["validation_slices"] else None,
+                         time_budget_s=time_budget_s, freeze_encoder=freeze_encoder, seed=seed)
+    torch.manual_seed(seed)
+    sampler = correction_sampler(data, patch, parent)
+    validate = validation_dice(data, parent, device) if data.summary["validation_slices"] else None
+    before = _score(network, validate)
+    checkpoint = _checkpoint_prefix(folder, new_id, parent, data, config)
+
+    def step_progress(done: int, total: int, message: str) -> None:
+        if time_budget_s is not None and total >= 100_000:  # no step limit: show the time used
+            elapsed = time.perf_counter() - started
+            report(progress, int(min(elapsed, time_budget_s)), int(time_budget_s), f"step {done}, {message}")
+        else:
+            report(progress, done, total, message)
+
+    try:
+        result = train_segmentation(network, sampler, config, validate=validate, device=device,
+                                    progress=step_progress, cancel=cancel, checkpoint=checkpoint,
+                                    on_validation=on_validation)
+    except Cancelled as exc:
+        exc.checkpoint = checkpoint
+        raise
+    except OSError as exc:
+        raise CardError(checkpoint.parent, f"could not write a training checkpoint ({exc.strerror or exc})") from exc
+
+    card = ModelCard(
+        id=new_id, task=parent.task, architecture=parent.architecture, modality=parent.modality,
+        input=dict(parent.input), sha256="", labels=parent.labels, license=parent.license, parent=parent.id,
+        description=f"{parent.id} fine-tuned on user-corrected label maps. {parent.description}".strip(),
+        training={
+            "kind": "fine-tuning", "parent": parent.id, "parent_sha256": parent.sha256, "data": data.summary,
+            "steps": result.steps_done, "batch_size": config.batch_size, "patch_size": list(patch),
+            "learning_rate": config.lr, "freeze_encoder": freeze_encoder, "seed": seed,
+            "device": _device_summary(device), "wall_time_s": round(time.perf_counter() - started, 1),
+            "stopped_because": result.stopped_because, "date": datetime.now().date().isoformat(),
+            "validation_curve": result.history,
+        },
+        metrics=_metrics(before, result.best_score if validate else None, data.summary),
+    )
+    card.source = "user"
+    save_model(network, card, folder)
+    _remove_checkpoint(checkpoint)
+    report(progress, 1, 1, f"saved model {new_id}")
+    return card
+
+
+# --- checking what the user gave -----------------------------------------------------------------
+
+def _name(volume: Volume, kind: str, i: int) -> str:
+    meta = volume.meta or {}
+    return str(meta.get("name") or meta.get("source") or f"{kind} {i + 1}")
+
+
+def labelled_slices(labels: np.ndarray) -> list[int]:
+    """Indices along axis 0 holding at least one non-zero label."""
+    data = np.asarray(labels)
+    return np.flatnonzero(data.reshape(data.shape[0], -1).any(axis=1)).tolist()
+
+
+def check_corrections(card: ModelCard, images, labels, slices) -> list[list[int]]:
+    """The corrected slice indices per volume, after checking everything against the model card.
+
+    Raises ValueError naming the image or label map and the problem (one sentence).
+    """
+    images, labels = list(images), list(labels)
+    if not images or not labels:
+        raise ValueError("fine-tuning needs at least one image and its corrected label map")
+    if len(images) != len(labels):
+        raise ValueError(f"{len(images)} images but {len(labels)} label maps: give one corrected map per image")
+    if slices is None:
+        slices = [None] * len(images)
+    slices = list(slices)
+    if len(slices) != len(images):
+        raise ValueError(f"slices lists {len(slices)} volumes, but there are {len(images)} images")
+    dims = int(card.input.get("dims", 3))
+    channels = int(card.input.get("channels", 1))
+    known = set(card.labels or {}) | {0}
+    n_classes = card.architecture.get("config", {}).get("n_classes")
+    if not card.labels and n_classes:
+        known = set(range(int(n_classes)))
+    chosen = []
+    for i, (image, label, picked) in enumerate(zip(images, labels, slices)):
+        name, lname = _name(image, "image", i), _name(label, "label map", i)
+        if image.is_labels:
+            raise ValueError(f"{name}: is a label map; give the image the corrections were drawn on")
+        if image.n_leading:
+            raise ValueError(f"{name}: is a series; fine-tune on one time point at a time")
+        if (3 if image.rgb else 1) != channels:
+            raise ValueError(f"{name}: model {card.id} expects {'colour' if channels == 3 else 'greyscale'} images")
+        if dims == 3 and image.ndim != 3:
+            raise ValueError(f"{name}: model {card.id} is a 3D model, this image is {image.ndim}D")
+        shape = tuple(np.shape(label.data))
+        if shape != image.spatial_shape:
+            raise ValueError(f"{lname}: has shape {shape} but image {name} has {image.spatial_shape}; "
+                             "corrections must lie on the image's grid")
+        if label.spacing and len(label.spacing) == image.ndim and not np.allclose(label.spacing, image.spacing,
+                                                                                   rtol=1e-3):
+            raise ValueError(f"{lname}: spacing {tuple(round(s, 4) for s in label.spacing)} mm differs from image "
+                             f"{name}'s {tuple(round(s, 4) for s in image.spacing)} mm")
+        data = np.asarray(label.data)
+        if not (np.issubdtype(data.dtype, np.integer) or np.issubdtype(data.dtype, np.bool_)
+                or np.array_equal(data, np.round(data))):
+            raise ValueError(f"{lname}: holds non-integer values; a label map holds label ids")
+        found = set(np.unique(data).astype(int).tolist())
+        unknown = sorted(found - known)
+        if unknown:
+            names = ", ".join(f"{k}={v}" for k, v in sorted((card.labels or {}).items()))
+            raise ValueError(f"{lname}: holds label ids {unknown} that model {card.id} does not have "
+                             f"(its labels: {names or sorted(known)})")
+        if picked is None:
+            picked = labelled_slices(data)
+        picked = sorted({int(s) for s in picked})
+        bad = [s for s in picked if not 0 <= s < shape[0]]
+        if bad:
+            raise ValueError(f"{lname}: corrected slices {bad} lie outside its {shape[0]} slices")
+        chosen.append(picked)
+    if not any(chosen):
+        raise ValueError("no corrections to learn from: the label maps hold no labelled slice; paint the "
+                         "corrections (or give slices=) first")
+    return chosen
+
+
+def _check_new_id(new_id: str, parent: ModelCard, folder: Path, shipped: Path) -> None:
+    if not new_id or any(c in new_id for c in "/\\:") or new_id.startswith("."):
+        raise ValueError(f"model id {new_id!r} cannot name a file; use letters, digits, '-' and '_'")
+    if new_id == parent.id or (shipped / f"{new_id}.json").exists():
+        raise ValueError(f"model id {new_id!r} is taken by an existing model; choose a new id")
+    if (folder / f"{new_id}.json").exists():
+        raise ValueError(f"{folder / (new_id + '.json')}: a model with id {new_id!r} exists; choose a new id")
+
+
+def _check_writable(folder: Path) -> None:
+    """Fail before training, not after it, when the model folder cannot be written."""
+    from ..models.registry import weights_dir
+
+    if folder.resolve() == weights_dir().resolve():
+        raise CardError(folder, "fine-tuned models are not written into the shipped weights folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        raise CardError(folder, f"cannot write to the model folder ({exc.strerror or exc})") from exc
+
+
+# --- from Volumes to training items on the model grid ---------------------------------------------
+
+def split_slices(slices: list[list[int]], fraction: float = VAL_FRACTION) -> tuple[list[list[int]], list[list[int]]]:
+    """``(train, validation)`` slices per volume: every k-th corrected slice is held out (3 or more)."""
+    pooled = [(v, s) for v, picked in enumerate(slices) for s in picked]
+    n_val = int(round(len(pooled) * fraction)) if len(pooled) >= 3 else 0
+    n_val = max(n_val, 1) if len(pooled) >= 3 else 0
+    held = set()
+    if n_val:
+        # evenly spread and never the first or last one: validation sees the middle of the corrections
+        positions = np.linspace(0, len(pooled) - 1, n_val + 2)[1:-1].round().astype(int)
+        held = {pooled[p] for p in positions}
+    train = [[s for s in picked if (v, s) not in held] for v, picked in enumerate(slices)]
+    val = [[s for s in picked if (v, s) in held] for v, picked in enumerate(slices)]
+    return train, val
+
+
+def _slice_mask(shape: tuple[int, ...], picked: list[int]) -> np.ndarray:
+    mask = np.zeros(shape, dtype=bool)
+    mask[list(picked)] = True
+    return mask
+
+
+def prepare_corrections(card: ModelCard, images, labels, slices: list[list[int]]) -> Corrections:
+    """Images prepared as inference prepares them, labels and slice masks on the same model grid."""
+    from ..engine.inference import prepare_image
+    from ..engine.resample import resample_nearest
+
+    train_slices, val_slices = split_slices(slices)
+    dims = int(card.input.get("dims", 3))
+    out = Corrections([], [], [], [], {})
+    counts: dict[int, int] = {}
+    for image, label, train, val in zip(images, labels, train_slices, val_slices):
+        if not train and not val:
+            continue
+        prepared = prepare_image(image, card.input, "cpu").numpy()
+        grid = prepared.shape[1:]
+        lab = np.asarray(label.data).astype(np.int64)
+        masks = [_slice_mask(lab.shape, train), _slice_mask(lab.shape, val)]
+        if grid != lab.shape:
+            lab = resample_nearest(lab, grid)
+            masks = [resample_nearest(m, grid) for m in masks]
+        for value, count in zip(*np.unique(lab[masks[0] | masks[1]], return_counts=True)):
+            counts[int(value)] = counts.get(int(value), 0) + int(count)
+        if dims == 2 and prepared.ndim == 4:  # a 2D model on a 3D volume learns from its slices
+            for z in np.flatnonzero(masks[0].any(axis=(1, 2)) | masks[1].any(axis=(1, 2))):
+                out.images.append(np.ascontiguousarray(prepared[:, z]))
+                out.labels.append(lab[z])
+                out.train.append(masks[0][z])
+                out.val.append(masks[1][z])
+        else:
+            out.images.append(prepared)
+            out.labels.append(lab)
+            out.train.append(masks[0])
+            out.val.append(masks[1])
+    names = card.labels or {}
+    out.summary = {
+        "volumes": [{"name": _name(im, "image", i), "shape": list(im.spatial_shape),
+                     "spacing_mm": [round(s, 4) for s in im.spacing], "corrected_slices": list(picked),
+                     "training_slices": list(t), "validation_slices": list(v)}
+                    for i, (im, picked, t, v) in enumerate(zip(images, slices, train_slices, val_slices))],
+        "training_slices": sum(len(t) for t in train_slices),
+        "validation_slices": sum(len(v) for v in val_slices),
+        "voxels_per_label": {names.get(k, "background" if k == 0 else str(k)): c for k, c in sorted(counts.items())},
+    }
+    return out
+
+
+def training_patch(card: ModelCard, network, images: list[np.ndarray]) -> tuple[int, ...]:
+    """The card's patch size, shrunk to the data (rounded up to what the network divides by)."""
+    dims = int(card.input.get("dims", 3))
+    patch = [int(p) for p in card.input["patch_size"]][-dims:]
+    divisor = list(getattr(network, "size_divisor", (1,) * dims))[-dims:]
+    extent = np.max([im.shape[1:] for im in images], axis=0)
+    return tuple(int(min(p, -(-int(e) // d) * d)) for p, e, d in zip(patch, extent, divisor))
+
+
+def correction_sampler(data: Corrections, patch: tuple[int, ...], card: ModelCard):
+    """``sample(rng, batch)`` -> images, labels, mask: patches centred on corrected voxels.
+
+    The labels are shifted by one for the sampler (0 = not corrected), so the sampler's padding
+    and its class-balanced centres fall on corrected voxels only; the shift is undone per batch.
+    """
+    from ..engine.sampling import PatchSampler
+
+    shifted = [np.where(t, lab + 1, 0) for lab, t in zip(data.labels, data.train)]
+    keep = [i for i, t in enumerate(data.train) if t.any()]
+    if not keep:
+        raise ValueError("every corrected slice went to validation; correct at least one more slice")
+    names = " ".join((card.labels or {}).values()).lower()
+    # flipping left and right would swap "kidney_left" and "kidney_right": only unsided structures flip
+    flips = () if ("left" in names or "right" in names) else (len(patch) - 1,)
+    sampler = PatchSampler([data.images[i] for i in keep], [shifted[i] for i in keep], patch,
+                           foreground_fraction=0.5, weights=[data.train[i].astype(np.float32) for i in keep],
+                           flip_axes=flips)
+
+    def sample(rng: np.random.Generator, batch_size: int):
+        x, y = sampler.sample(rng, batch_size)
+        return x, np.maximum(y - 1, 0), y > 0
+
+    return sample
+
+
+def validation_dice(data: Corrections, card: ModelCard, device: str):
+    """``score(network)``: mean Dice over the classes present in the held-out corrected slices."""
+    import torch
+
+    from ..engine.inference import sliding_window
+
+    dims = int(card.input.get("dims", 3))
+    roi = tuple(int(p) for p in card.input["patch_size"])[-dims:]
+    held = [i for i, v in enumerate(data.val) if v.any()]
+
+    def score(network) -> float:
+        inter: dict[int, int] = {}
+        total: dict[int, int] = {}
+        present: set[int] = set()
+        for i in held:
+            probs = sliding_window(network, torch.from_numpy(data.images[i]), roi, overlap=0.25, batch_size=4,
+                                   device=device, out_device="cpu")
+            pred = probs.float().argmax(0).numpy()[data.val[i]]
+            truth = data.labels[i][data.val[i]]
+            for c in np.union1d(np.unique(pred), np.unique(truth)):
+                if c == 0:
+                    continue
+                p, t = pred == c, truth == c
+                inter[c] = inter.get(c, 0) + int((p & t).sum())
+                total[c] = total.get(c, 0) + int(p.sum() + t.sum())
+                if t.any():
+                    present.add(int(c))
+        if not present:
+            return float("nan")
+        return float(np.mean([2 * inter[c] / total[c] for c in present]))
+
+    return score
+
+
+def _score(network, validate) -> Optional[float]:
+    if validate is None:
+        return None
+    import torch
+
+    with torch.no_grad():
+        return float(validate(network.eval()))
+
+
+def _metrics(before, after, summary) -> dict:
+    if before is None:
+        return {"note": "fewer than 3 corrected slices: no validation split, no held-out metric"}
+    key = f"mean dice, held-out corrected slices ({summary['validation_slices']} slices, validation split)"
+    return {key: {"before fine-tuning": round(before, 4), "after fine-tuning": round(after, 4)}}
+
+
+# --- checkpoints -----------------------------------------------------------------------------------
+
+def _checkpoint_prefix(folder: Path, new_id: str, parent: ModelCard, data: Corrections, config) -> Path:
+    """Where the run checkpoints; an old checkpoint for other data or settings is discarded."""
+    root = folder / ".checkpoints"
+    root.mkdir(parents=True, exist_ok=True)
+    prefix = root / new_id
+    digest = hashlib.sha256()
+    digest.update(f"{parent.id}:{parent.sha256}:{config}".encode())
+    for arrays in (data.images, data.labels, data.train, data.val):
+        for a in arrays:
+            digest.update(np.ascontiguousarray(a).tobytes())
+    stamp = prefix.with_name(new_id + ".run.json")
+    fingerprint = digest.hexdigest()
+    previous = json.loads(stamp.read_text()).get("fingerprint") if stamp.exists() else None
+    if previous != fingerprint:
+        _remove_checkpoint(prefix)
+        stamp.write_text(json.dumps({"fingerprint": fingerprint, "parent": parent.id}))
+    return prefix
+
+
+def checkpoint_files(prefix: Path) -> list[Path]:
+    from ..engine.training import _checkpoint_files
+
+    return [*_checkpoint_files(prefix), Path(prefix).with_name(Path(prefix).name + ".run.json")]
+
+
+def _remove_checkpoint(prefix: Path) -> None:
+    for path in checkpoint_files(prefix):
+        path.unlink(missing_ok=True)
+
+
+def _device_summary(device: str) -> str:
+    import platform
+
+    import torch
+
+    if device.startswith("cuda"):
+        return f"GPU {torch.cuda.get_device_name(0)}"
+    return f"{device.upper()} ({platform.machine()}, {torch.get_num_threads()} threads)"

@@ -1,0 +1,302 @@
+"""``mv.prompt``: segment a whole volume from a few annotated slices or from example scans, no training.
+
+    msk = mv.prompt(vol, annotations=partial_labels)                 # a few slices painted
+    msk = mv.prompt(vol, examples=[(img, mask), ...], model=None)    # other scans with their masks
+
+Two cues are combined: *where* (annotated slices carried slice to slice by deformable
+registration, or example scans registered onto the target and fused) and *what it looks like*
+(a small head fitted in seconds on the prompt's own pixels). Every variant (prior alone, head
+alone, their product at three weights) is scored by leave-one-out over the given slices or
+examples, the best one is used, and its score is returned as ``meta["expected_dice"]``.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..engine.progress import CancelToken, ProgressFn, check, report
+from ..volume import Volume
+from . import _prompt_runs as runs
+from ._features import as_slices, dino_features, intensity_features, load_backbone, normalised
+from ._refine import compact_labels
+
+
+def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] = None,
+           annotations: Optional[Volume] = None, model=None, *, annotated_slices: Optional[Sequence[int]] = None,
+           labels: Optional[Sequence[int | str]] = None, device: Optional[str] = None,
+           progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Volume:
+    """Labels Volume on ``volume``'s grid, one label per structure in the prompt, names kept.
+
+    examples: ``[(image, mask), ...]`` other scans (same modality) with their label maps.
+    annotations: a label map on ``volume``'s grid with a few slices (axis 0) painted, the rest 0.
+    model: a DINO backbone (model id, checkpoint path) for extra features; ``None``: intensity only.
+    annotated_slices: which slices count as annotated (default: those with any label), so that a
+        slice where the structure is legitimately absent can count as "annotated, empty".
+    labels: restrict to these label ids or names (default: every label in the prompt).
+    Returns ``meta["expected_dice"]`` ``{name: Dice or None}`` from leave-one-out (None when the
+    prompt has a single slice or example), ``meta["choice"]`` (the variant used) and
+    ``meta["leave_one_out"]`` (every variant's mean Dice).
+    """
+    from ..engine.device import resolve_device
+
+    _check_image(volume, "the image to segment")
+    if (examples is None) == (annotations is None):
+        raise ValueError("prompt needs either annotations= (a few painted slices) or examples= "
+                         "(other scans with masks), not both and not neither")
+    device = resolve_device(device)
+    backbone = load_backbone(model)
+    if annotations is not None:
+        return _from_annotations(volume, annotations, annotated_slices, labels, backbone, device, progress, cancel)
+    return _from_examples(volume, list(examples), labels, backbone, device, progress, cancel)
+
+
+# --- annotated slices ---------------------------------------------------------------------------
+
+def _from_annotations(volume, annotations, annotated_slices, wanted_labels, backbone, device, progress, cancel):
+    from ._propagate import slice_displacements
+
+    if not isinstance(annotations, Volume):
+        raise ValueError("annotations must be a labels Volume on the image's grid")
+    if volume.ndim != 3:
+        raise ValueError("annotated slices need a 3D volume; for a 2D image give examples= instead")
+    if annotations.spatial_shape != volume.spatial_shape:
+        raise ValueError(f"annotations have shape {annotations.spatial_shape} but the image has "
+                         f"{volume.spatial_shape}; paint them on the image's grid")
+    painted = np.asarray(annotations.data)
+    depth = painted.shape[0]
+    if annotated_slices is None:
+        annotated = [int(z) for z in np.flatnonzero(painted.reshape(depth, -1).any(1))]
+    else:
+        annotated = sorted({int(z) for z in annotated_slices})
+        if any(z < 0 or z >= depth for z in annotated):
+            raise ValueError(f"annotated_slices must lie in 0..{depth - 1}, got {annotated}")
+    if not annotated:
+        raise ValueError("no annotated slice: paint at least one slice, or name it in annotated_slices=")
+    present = sorted(int(v) for v in np.unique(painted[annotated]) if v != 0)
+    ids = _restrict(present, annotations.labels or {}, wanted_labels, "the annotated slices")
+    names = {k: (annotations.labels or {}).get(k, f"label {k}") for k in ids}
+    lookup = np.zeros(int(painted.max()) + 1, dtype=np.int32)
+    lookup[ids] = np.arange(1, len(ids) + 1)
+    classes = lookup[painted]
+    n_classes = len(ids) + 1
+    compact = compact_labels(classes, annotated, range(1, n_classes))
+
+    n_folds = len(annotated) if len(annotated) >= 2 else 0
+    total = depth - 1 + n_folds + 2
+    report(progress, 0, total, "computing image features")
+    slices, features, _ = _features(volume, backbone, device, cancel)
+    report(progress, 1, total, "following the anatomy from slice to slice")
+    displacements = slice_displacements(slices.mean(-1), progress=progress, cancel=cancel, step=(1, total))
+
+    scores = {v: [] for v in runs.variants("propagation")}
+    for i, hidden in enumerate(annotated if n_folds else []):
+        rest = [a for a in annotated if a != hidden]
+        maps = runs.from_annotations(features, displacements, classes, rest, n_classes, compact, list(scores),
+                                     device, cancel)
+        for variant, pred in maps.items():
+            scores[variant].append(runs.dice_per_class(pred[hidden], classes[hidden], n_classes))
+        report(progress, depth + i, total, f"checking: slice {hidden} hidden")
+    choice = _choose(scores, default="combined:1")
+    result = runs.from_annotations(features, displacements, classes, annotated, n_classes, compact, [choice],
+                                   device, cancel)[choice]
+    report(progress, total, total, "done")
+    meta = {"prompt": "annotations", "annotated_slices": annotated}
+    return _result(volume, result, ids, names, scores, choice, meta)
+
+
+# --- example scans ------------------------------------------------------------------------------
+
+def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel):
+    if not examples:
+        raise ValueError("examples= is empty: give at least one (image, mask) pair")
+    for i, pair in enumerate(examples):
+        _check_example(volume, pair, i)
+    ids, names, example_classes = _example_table([m for _, m in examples], wanted_labels)
+    n_classes = len(ids) + 1
+    n = len(examples)
+    n_folds = n if n >= 2 else 0
+    total = 2 * n + 1 + n_folds * n
+    done = [0]
+
+    def step(message):
+        done[0] += 1
+        report(progress, done[0], total, message)
+
+    report(progress, 0, total, "computing image features")
+    target_slices, target_features, basis = _features(volume, backbone, device, cancel)
+    prepared = []
+    for (image, _), classes in zip(examples, example_classes):
+        slices, feats, _ = _features(image, backbone, device, cancel, basis)
+        prepared.append((image, slices.mean(-1), feats, classes.reshape(slices.shape[:3])))
+        step("computing image features")
+    step("registering examples")
+    compact = _compact_in_all([p[3] for p in prepared], n_classes)
+
+    def onto(target, target_grey, members):
+        priors, similarities = [], []
+        for image, grey, _, classes in members:
+            prior, similarity = _register_example(target, target_grey, image, grey, classes, n_classes)
+            priors.append(prior)
+            similarities.append(similarity)
+            step("registering examples")
+        return priors, similarities
+
+    scores = {v: [] for v in runs.variants("registration")}
+    for j in range(n_folds):
+        target_image, grey, feats, truth = prepared[j]
+        rest = [p for i, p in enumerate(prepared) if i != j]
+        priors, similarities = onto(target_image, grey, rest)
+        maps = runs.from_examples(feats, priors, similarities, [p[2] for p in rest], [p[3] for p in rest],
+                                  n_classes, compact, list(scores), device, cancel)
+        for variant, pred in maps.items():
+            scores[variant].append(runs.dice_per_class(pred, truth, n_classes))
+    priors, similarities = onto(volume, target_slices.mean(-1), prepared)
+    choice = _choose(scores, default="combined:1")
+    result = runs.from_examples(target_features, priors, similarities, [p[2] for p in prepared],
+                                [p[3] for p in prepared], n_classes, compact, [choice], device, cancel)[choice]
+    report(progress, total, total, "done")
+    return _result(volume, result.reshape(volume.spatial_shape), ids, names, scores, choice,
+                   {"prompt": "examples", "n_examples": n})
+
+
+def _register_example(target, target_grey, image, grey, classes, n_classes):
+    """``(prior (K+1, n, y, x), local similarity (n, y, x))`` of one example registered onto ``target``."""
+    from ._register import local_ncc, register_affine, warp_to
+
+    shape = target_grey.shape
+    t_grey, e_grey = target_grey.reshape(target.spatial_shape), grey.reshape(image.spatial_shape)
+    transform = register_affine(target, t_grey, image, e_grey)
+    hot = runs.onehot(classes.reshape(image.spatial_shape), n_classes)
+    prior = np.stack([warp_to(target, image, hot[k], transform, fill=1.0 if k == 0 else 0.0)
+                      for k in range(n_classes)]).reshape((n_classes,) + shape)
+    prior /= np.maximum(prior.sum(0, keepdims=True), 1e-6)
+    warped = warp_to(target, image, e_grey, transform).reshape(shape)
+    sigma = (0, 3, 3) if shape[0] > 1 else (0, 6, 6)
+    return prior, local_ncc(warped, target_grey, sigma)
+
+
+# --- shared -------------------------------------------------------------------------------------
+
+def _features(volume, backbone, device, cancel, basis=None):
+    """``(normalised slices (n, y, x, c), features (n, y, x, F), DINO PCA basis or None)``."""
+    check(cancel)
+    slices = as_slices(normalised(volume), volume.rgb)
+    features = intensity_features(slices)
+    if backbone is not None:
+        dino, basis = dino_features(volume, backbone, device, cancel=cancel, basis=basis)
+        features = np.concatenate([features, dino], axis=-1)
+    return slices, features, basis
+
+
+def _compact_in_all(example_classes, n_classes):
+    """Labels compact (one blob per slice) in every example that shows them."""
+    shown, compact = set(), set()
+    for classes in example_classes:
+        present = {int(k) for k in np.unique(classes) if k != 0}
+        found = compact_labels(classes, range(len(classes)), sorted(present))
+        shown |= present - found
+        compact |= found
+    return compact - shown
+
+
+def _choose(scores: dict[str, list[dict[int, float]]], default: str) -> str:
+    """The variant with the best mean leave-one-out Dice (``default`` when there was nothing to check)."""
+    means = {v: _mean([d for fold in folds for d in fold.values()]) for v, folds in scores.items()}
+    means = {v: m for v, m in means.items() if m is not None}
+    if not means:
+        return default
+    best = max(means.values())
+    # Prefer the combined variants on near-ties: they degrade most gracefully away from the prompt.
+    for v in sorted(means, key=lambda v: (not v.startswith("combined"), v != default)):
+        if means[v] >= best - 0.005:
+            return v
+    return max(means, key=means.get)
+
+
+def _mean(values):
+    values = [v for v in values if v is not None]
+    return float(np.mean(values)) if values else None
+
+
+def _result(volume, classes, ids, names, scores, choice, meta):
+    out_ids = np.array([0] + list(ids))
+    dtype = np.uint8 if max(ids) < 256 else np.uint16
+    data = out_ids[classes].astype(dtype)
+    expected = {names[k]: _mean([fold.get(i + 1) for fold in scores.get(choice, [])]) for i, k in enumerate(ids)}
+    summary = {v: _mean([d for fold in folds for d in fold.values()]) for v, folds in scores.items()}
+    meta = dict(meta, source=volume.meta.get("source", "prompt"), choice=choice, expected_dice=expected,
+                leave_one_out=summary)
+    return Volume(data, spacing=volume.spacing, origin=volume.origin, direction=volume.direction,
+                  modality=volume.modality, labels={int(k): names[k] for k in ids}, meta=meta)
+
+
+def _restrict(present, names, wanted, where):
+    ids = list(present)
+    if wanted is not None:
+        keys = {str(w) for w in wanted}
+        ids = [k for k in present if str(k) in keys or names.get(k) in keys]
+        if not ids:
+            raise ValueError(f"none of the labels {list(wanted)} appear in {where} (found {present})")
+    if not ids:
+        raise ValueError(f"{where} hold no label: paint at least one structure")
+    return ids
+
+
+def _check_image(volume, what):
+    if not isinstance(volume, Volume):
+        raise ValueError(f"{what} must be a Volume (use mv.load)")
+    if volume.is_labels:
+        raise ValueError(f"{what} is a label map; prompt with the image it was drawn on")
+    if volume.n_leading:
+        raise ValueError(f"{what} is a series of {volume.data.shape[0]} volumes; pick one time point first")
+
+
+def _check_example(volume, pair, i):
+    if not (isinstance(pair, (tuple, list)) and len(pair) == 2):
+        raise ValueError(f"example {i + 1} must be an (image, mask) pair of Volumes")
+    image, mask = pair
+    _check_image(image, f"example {i + 1}'s image")
+    if not isinstance(mask, Volume):
+        raise ValueError(f"example {i + 1}'s mask must be a labels Volume")
+    if mask.spatial_shape != image.spatial_shape:
+        raise ValueError(f"example {i + 1}: image shape {image.spatial_shape} and mask shape "
+                         f"{mask.spatial_shape} differ; the mask must be drawn on its image's grid")
+    if image.ndim != volume.ndim or image.rgb != volume.rgb:
+        raise ValueError(f"example {i + 1} is a {image.ndim}D {'colour' if image.rgb else 'grey'} image, "
+                         f"the target a {volume.ndim}D {'colour' if volume.rgb else 'grey'} one")
+
+
+def _generic(name):
+    return name is None or re.fullmatch(r"label \d+", name) is not None
+
+
+def _example_table(masks, wanted):
+    """``(ids, names, classes per example)``: labels matched by name where the masks name them, else by id."""
+    keys, ids, names = [], [], {}
+    per_mask = []
+    for mask in masks:
+        data = np.asarray(mask.data)
+        found = {}
+        for k in (int(v) for v in np.unique(data) if v != 0):
+            name = (mask.labels or {}).get(k)
+            key = f"#{k}" if _generic(name) else name
+            found[k] = key
+            if key not in keys:
+                keys.append(key)
+                new_id = k if k not in ids else max(ids) + 1
+                ids.append(new_id)
+                names[new_id] = name or f"label {k}"
+        per_mask.append((data, found))
+    chosen = _restrict(ids, names, wanted, "the example masks")
+    key_of = {i: keys[ids.index(i)] for i in chosen}
+    class_of_key = {key_of[i]: c + 1 for c, i in enumerate(chosen)}
+    classes = []
+    for data, found in per_mask:
+        lookup = np.zeros(int(data.max()) + 1, dtype=np.int32)
+        for k, key in found.items():
+            lookup[k] = class_of_key.get(key, 0)
+        classes.append(lookup[data])
+    return chosen, {i: names[i] for i in chosen}, classes
