@@ -28,6 +28,10 @@ def __getattr__(name: str):
         from .tasks.segment import segment
 
         return segment
+    if name == "prompt":
+        from .tasks.prompt import prompt
+
+        return prompt
     if name == "finetune":
         from .tasks.finetune import finetune
 

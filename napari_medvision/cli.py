@@ -71,9 +71,23 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--id", dest="new_id", default=None, help="id of the new model (default <model>-ft-<time>)")
     tune.set_defaults(run=_finetune)
 
+    pr = sub.add_parser("prompt", help="segment from a few annotated slices or from example scans; no training")
+    pr.add_argument("input", help="image file or folder to segment")
+    pr.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, .mha, .ome.zarr, ...)")
+    given = pr.add_mutually_exclusive_group(required=True)
+    given.add_argument("--annotations", help="label map on the input's grid with a few slices (axis 0) painted")
+    given.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "MASK"),
+                       help="another scan and its label map; repeat for several")
+    pr.add_argument("--slices", help="annotated slices, comma-separated (default: those with any label)")
+    pr.add_argument("--labels", help="only these labels, comma-separated ids or names")
+    pr.add_argument("--model", default=None, help="DINO backbone (model id or checkpoint) for extra features")
+    pr.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    pr.set_defaults(run=_prompt)
+
     models = sub.add_parser("models", help="list shipped and user models")
     models.add_argument("--modality", help="only models for this modality (CT, MR, OCT, fundus)")
     models.add_argument("--json", action="store_true", help="print the cards as JSON")
+    models.add_argument("--markdown", action="store_true", help="print a Markdown table of the cards (docs/models.md)")
     models.set_defaults(run=_models)
 
     demo = sub.add_parser("demo", help="the quick-start job: open the sample CT, save it and a screenshot")
@@ -165,6 +179,28 @@ def _finetune(args) -> int:
     return 0
 
 
+def _prompt(args) -> int:
+    from . import io
+    from .engine.progress import terminal_progress
+    from .tasks.prompt import prompt
+
+    volume = io.load(args.input)
+    options = dict(model=args.model, device=args.device, progress=terminal_progress("prompt "))
+    if args.labels:
+        options["labels"] = [x.strip() for x in args.labels.split(",") if x.strip()]
+    if args.annotations:
+        if args.slices:
+            options["annotated_slices"] = [int(x) for x in args.slices.split(",") if x.strip()]
+        labels = prompt(volume, annotations=io.load(args.annotations), **options)
+    else:
+        labels = prompt(volume, examples=[(io.load(i), io.load(m)) for i, m in args.example], **options)
+    io.save(labels, args.output)
+    expected = ", ".join(f"{name} {'n/a' if d is None else f'{d:.2f}'}"
+                         for name, d in labels.meta["expected_dice"].items())
+    print(f"wrote {args.output}: {labels.meta['choice']}; expected Dice (leave-one-out): {expected}")
+    return 0
+
+
 def _unique(data):
     import numpy as np
 
@@ -178,12 +214,35 @@ def _models(args) -> int:
     if args.json:
         print(json.dumps([c.to_json() for c in cards]))
         return 0
+    if args.markdown:
+        print(_markdown_index(cards))
+        return 0
     if not cards:
         print("no models found")
     for card in cards:
         labels = ", ".join((card.labels or {}).values())
         print(f"{card.id:28s} {card.modality:7s} {card.source:8s} {card.architecture.get('name', '')}: {labels}")
     return 0
+
+
+def _markdown_index(cards) -> str:
+    """One row per model: what it segments, how it was trained, what it scored on held-out data."""
+    lines = ["| model | modality | labels | trained on | held-out metrics | training |", "|---|---|---|---|---|---|"]
+    for card in cards:
+        metrics = "; ".join(f"{name}: {_short_metric(value)}" for name, value in card.metrics.items()
+                            if name != "per_image")
+        training = card.training or {}
+        lines.append(
+            f"| `{card.id}` ({card.architecture.get('name')}) | {card.modality} | {', '.join((card.labels or {}).values())} "
+            f"| {training.get('data', '')} | {metrics} | {training.get('device', '')}, {training.get('steps', '?')} steps, "
+            f"{training.get('wall_time_s', '?')} s |")
+    return "\n".join(lines)
+
+
+def _short_metric(value) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+    return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 
 def _demo(args) -> int:

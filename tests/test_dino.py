@@ -100,3 +100,19 @@ def test_a_file_that_is_no_dino_checkpoint_is_refused(tmp_path):
     torch.save({"conv.weight": torch.zeros(3, 3)}, path)
     with pytest.raises(ReadError, match="weights.pth.*DINO"):
         load_backbone(path)
+
+
+def test_a_patch_8_checkpoint_like_our_medical_dino_keeps_its_patch_size(tmp_path):
+    from napari_medvision.models.dino import Backbone, create_network
+
+    torch.manual_seed(0)
+    network = create_network("vit_small_patch14_reg4_dinov2", patch_size=8, img_size=224)
+    state = official_state_dict(network)
+    assert state["pos_embed"].shape == (1, 28 * 28 + 1, 384)
+    torch.save(state, tmp_path / "medical_dino_vits8.pth")
+
+    loaded = load_backbone(tmp_path / "medical_dino_vits8.pth")
+
+    x = torch.rand(1, 1, 40, 64)
+    assert loaded.patch_size == 8 and loaded.features(x).shape == (1, 384, 5, 8)
+    torch.testing.assert_close(loaded.features(x), Backbone(network, "ref", "").features(x), rtol=0, atol=1e-5)

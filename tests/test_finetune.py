@@ -23,6 +23,15 @@ from test_segment import small_ct, tiny_ct_model  # noqa: E402
 KNOWN = {1: "liver", 2: "spleen"}
 
 
+@pytest.fixture(autouse=True)
+def _one_thread():
+    """Tiny models train faster on one thread than on two that wait for each other on a busy CPU."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def corrected_ct():
     """A synthetic CT and its reference labels restricted to the tiny model's two organs."""
     from napari_medvision.synthetic import ct_abdomen

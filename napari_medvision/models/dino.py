@@ -98,36 +98,51 @@ class Backbone:
         return f"Backbone({self.name}, patch={self.patch_size}, dim={self.embed_dim}, weights={self.checksum[:12]})"
 
 
-def create_network(name: str) -> torch.nn.Module:
-    """A randomly initialised timm DINO ViT ``name`` that accepts any input size (no download)."""
+def create_network(name: str, **overrides: Any) -> torch.nn.Module:
+    """A randomly initialised timm DINO ViT ``name`` that accepts any input size (no download).
+
+    overrides: timm constructor arguments that differ from the release (``patch_size=8``,
+    ``img_size=224`` for our medical DINO).
+    """
     import timm
 
-    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True)
+    return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
 
 
-def architecture_of(state: dict[str, torch.Tensor]) -> str:
-    """The timm architecture name matching an official DINOv2/DINOv3 state dict's tensor shapes."""
+def architecture_of(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:
+    """``(timm name, overrides)`` matching an official-layout DINOv2/DINOv3 state dict's shapes.
+
+    The releases use patch 14 (v2) or 16 (v3); another patch size (our 8 px medical DINO) or
+    position grid becomes a ``patch_size`` / ``img_size`` override of the same family.
+    """
     if "patch_embed.proj.weight" not in state:
         raise ValueError("no 'patch_embed.proj.weight' tensor: this is not a DINO ViT checkpoint")
     dim, _, patch, _ = state["patch_embed.proj.weight"].shape
     swiglu = "blocks.0.mlp.w12.weight" in state
+    overrides: dict[str, Any] = {}
     if "storage_tokens" in state:  # DINOv3
         size = "small_plus" if dim == 384 and swiglu else _DINOV3_SIZES.get(dim)
         bias = state.get("blocks.0.attn.qkv.bias")
         qkvb = "_qkvb" if bias is not None and bool(bias.abs().sum() > 0) else ""
-        name = f"vit_{size}_patch{patch}_dinov3{qkvb}"
+        name = f"vit_{size}_patch16_dinov3{qkvb}"
+        if patch != 16:
+            overrides["patch_size"] = int(patch)
     else:  # DINOv2
         size = _DINOV2_SIZES.get(dim)
         regs = state["register_tokens"].shape[1] if "register_tokens" in state else 0
-        name = f"vit_{size}_patch{patch}{f'_reg{regs}' if regs else ''}_dinov2"
+        name = f"vit_{size}_patch14{f'_reg{regs}' if regs else ''}_dinov2"
+        grid = math.isqrt(state["pos_embed"].shape[1] - 1)  # the release keeps the class position
+        if patch != 14 or grid * patch != 518:
+            overrides.update(patch_size=int(patch), img_size=int(grid * patch))
     import timm
 
     if size is None or name not in timm.list_models(name):
-        raise ValueError(f"no known DINO architecture with width {dim} and patch {patch} ({name})")
-    return name
+        raise ValueError(f"no known DINO architecture with width {dim} and patch {patch}")
+    return name, overrides
 
 
-def network_from_state(state: dict[str, torch.Tensor], name: str | None = None) -> tuple[torch.nn.Module, str]:
+def network_from_state(state: dict[str, torch.Tensor], name: str | None = None,
+                       overrides: dict[str, Any] | None = None) -> tuple[torch.nn.Module, str]:
     """A timm network carrying ``state`` (official or timm key names), and its architecture name."""
     state = dict(state)
     for wrapper in ("teacher", "model", "state_dict"):  # training checkpoints nest the backbone
@@ -135,10 +150,11 @@ def network_from_state(state: dict[str, torch.Tensor], name: str | None = None) 
             state = dict(state[wrapper])
     state = {re.sub(r"^(module\.|backbone\.)+", "", k): v for k, v in state.items()}
     official = "mask_token" in state or "storage_tokens" in state
-    name = name or architecture_of(state) if official else name
+    if official and name is None:
+        name, overrides = architecture_of(state)
     if name is None:
         raise ValueError("a timm-layout state dict needs its architecture name")
-    network = create_network(name)
+    network = create_network(name, **(overrides or {}))
     if official:
         if "storage_tokens" in state:
             from timm.models.eva import checkpoint_filter_fn
@@ -171,7 +187,7 @@ def load_backbone(source: str | os.PathLike) -> Backbone:
 
     source: a path to an official ``.pth`` / ``.safetensors`` checkpoint (architecture inferred
     from tensor shapes; a model card beside it, if any, is checked), a registered model id with a
-    card (architecture ``{"name": "dino", "config": {"timm_name": ...}}``), or
+    card (architecture ``{"name": "dino", "config": {"timm_name": ..., "overrides": {...}}}``), or
     ``"random-vits14"`` / ``"random-vits14-reg4"`` / ``"random-vits16"`` for a seeded random ViT.
     """
     text = str(source)
@@ -198,7 +214,7 @@ def load_backbone(source: str | os.PathLike) -> Backbone:
     config = card.architecture.get("config", {})
     state = load_state_dict(card)  # checks the card's sha256
     try:
-        network, name = network_from_state(state, config.get("timm_name"))
+        network, name = network_from_state(state, config.get("timm_name"), config.get("overrides"))
     except ValueError as exc:
         raise CardError(card.weights_path or card.id, str(exc)) from exc
     return Backbone(network, name, card.sha256, card.id)

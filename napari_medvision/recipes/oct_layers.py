@@ -23,7 +23,8 @@ from ..models.card import ModelCard
 from .common import architecture_preset, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "oct-retinal-layers-2d"
-PATCH = (256, 256)
+PATCH = (256, 256)        # inference window
+TRAIN_PATCH = (128, 128)  # training crops: 4x cheaper on a CPU; the ViT position embedding interpolates
 NORMALISATION = {"kind": "percentile", "low": 0.5, "high": 99.8}
 BOUNDARIES = ("ilm", "nflgcl", "iplinl", "inlopl", "oplonl", "isos", "rpe")
 LABELS = {1: "RNFL", 2: "GCL+IPL", 3: "INL", 4: "OPL", 5: "ONL+IS", 6: "OS+RPE"}
@@ -103,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     syn_images, syn_labels = synthetic_bscans(range(100, 100 + args.phantoms))
     val_images, val_labels = synthetic_bscans(range(1000, 1002))
     # The real B-scan counts several times: it is one image against dozens of phantoms.
-    sampler = PatchSampler(syn_images + [train_image] * 4, syn_labels + [train_labels] * 4, PATCH,
+    sampler = PatchSampler(syn_images + [train_image] * 4, syn_labels + [train_labels] * 4, TRAIN_PATCH,
                            foreground_fraction=0.8, flip_axes=(1,))
 
     config = dict(architecture_preset(2, args.preset), in_channels=1, n_classes=len(LABELS) + 1)
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         scores += list(layer_dice(predict(net, val_images[0], device), val_labels[0]).values())
         return float(np.nanmean(scores))
 
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=200,
+    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=150,
                                time_budget_s=args.time_budget, seed=args.seed)
     result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
                                 progress=_print_progress, on_validation=print)

@@ -52,14 +52,14 @@ def warp(prob: np.ndarray, displacement: np.ndarray) -> np.ndarray:
 
 
 def propagate(onehot: np.ndarray, annotated: list[int], displacements: np.ndarray,
-              head: Optional[np.ndarray] = None, weight: float = 1.0, vanish: float = 0.05,
+              head: Optional[np.ndarray] = None, vanish: float = 0.3,
               limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
     """``(prior (K+1, z, y, x), distance (z,))`` from annotated slices of ``onehot``.
 
     onehot: ``(K+1, z, y, x)`` class probabilities, meaningful on the ``annotated`` slices only.
-    head: appearance probabilities ``(K+1, z, y, x)``; when given, propagation beyond the outermost
-    annotated slices is refined at each step and a label stops once its area falls below
-    ``vanish`` times its area on the last annotated slice. Without it masks run on to ``limit``
+    head: appearance probabilities ``(K+1, z, y, x)``; when given, a label carried beyond the
+    outermost annotated slices stops where the head no longer sees it (its product with the
+    head keeps less than ``vanish`` of the carried area). Without it masks run on to ``limit``
     slices beyond (default: the volume's edge).
     distance: slices from each slice to the nearest annotated slice.
     """
@@ -85,30 +85,40 @@ def propagate(onehot: np.ndarray, annotated: list[int], displacements: np.ndarra
         for z in range(a + 1, b):
             prior[:, z] = (forward[z] * (b - z) + backward[z] * (z - a)) / (b - a)
     for start, stop, direction in ((annotated[-1], depth, 1), (annotated[0], -1, -1)):
-        _beyond(prior, onehot[:, start], start, stop, direction, displacements, head, weight, vanish, limit)
+        _beyond(prior, onehot[:, start], start, stop, direction, displacements, head, vanish, limit)
     return prior, distance
 
 
-def _beyond(prior, start_prob, start, stop, direction, displacements, head, weight, vanish, limit) -> None:
-    """Carry ``start_prob`` outward from slice ``start`` until ``stop``, in place in ``prior``."""
-    from ._refine import combine
+def _beyond(prior, start_prob, start, stop, direction, displacements, head, vanish, limit) -> None:
+    """Carry ``start_prob`` outward from slice ``start`` until ``stop``, in place in ``prior``.
 
+    The mask itself is only warped (feeding the head's output back in would compound its errors
+    from slice to slice); the head decides where each label ends: once its product with the
+    carried mask keeps less than ``vanish`` of the mask's area.
+    """
     current = start_prob
-    start_area = current[1:].reshape(current.shape[0] - 1, -1).sum(1)
-    alive = start_area > 0
+    alive = current[1:].reshape(current.shape[0] - 1, -1).sum(1) > 0
     steps = 0
     for z in range(start + direction, stop, direction):
         steps += 1
         field = displacements[z - 1] if direction > 0 else -displacements[z]
         current = warp(current, field)
         if head is not None:
-            current = combine(head[:, z], current, weight)
-            area = current[1:].reshape(current.shape[0] - 1, -1).sum(1)
-            alive &= area >= vanish * start_area
+            alive &= _kept(current, head[:, z]) >= vanish
         if limit is not None and steps > limit:
             alive[:] = False
+        out = current.copy()
         gone = ~alive
-        if gone.any():  # labels that vanished hand their probability back to background
-            current[0] += current[1:][gone].sum(0)
-            current[1:][gone] = 0
-        prior[:, z] = current
+        if gone.any():  # labels that ended hand their probability back to background
+            out[0] += out[1:][gone].sum(0)
+            out[1:][gone] = 0
+        prior[:, z] = out
+
+
+def _kept(prob: np.ndarray, head: np.ndarray) -> np.ndarray:
+    """``(K,)`` share of each label's carried area that survives the product with the head."""
+    from ._refine import combine
+
+    posterior = combine(head, prob, weight=2.0)
+    carried = prob[1:].reshape(prob.shape[0] - 1, -1).sum(1)
+    return posterior[1:].reshape(carried.shape[0], -1).sum(1) / np.maximum(carried, 1e-6)

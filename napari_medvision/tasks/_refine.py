@@ -13,14 +13,14 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
-MAX_SAMPLES = 40_000
+MAX_SAMPLES = 20_000
 EPS = 1e-3
 
 
 class AppearanceHead:
     """Softmax MLP ``features -> (n_classes,)``; class 0 is background."""
 
-    def __init__(self, n_classes: int, hidden: int = 32, steps: int = 250, device: str = "cpu", seed: int = 0):
+    def __init__(self, n_classes: int, hidden: int = 32, steps: int = 150, device: str = "cpu", seed: int = 0):
         self.n_classes, self.hidden, self.steps, self.device, self.seed = n_classes, hidden, steps, device, seed
         self.net = None
 
@@ -79,8 +79,8 @@ def _balanced_sample(classes: np.ndarray, total: int, rng) -> np.ndarray:
     return np.concatenate(picked)
 
 
-def soften(prior: np.ndarray, distance: Optional[np.ndarray] = None, base: float = 1.0, per_slice: float = 0.5,
-           cap: float = 6.0) -> np.ndarray:
+def soften(prior: np.ndarray, distance: Optional[np.ndarray] = None, base: float = 0.5, per_slice: float = 0.25,
+           cap: float = 3.0) -> np.ndarray:
     """The prior ``(K+1, z, y, x)`` blurred in-plane, more the farther a slice is from its source.
 
     distance: ``(z,)`` slices to the nearest annotated slice (None: ``base`` everywhere). A mask
@@ -108,14 +108,15 @@ def combine(head: Optional[np.ndarray], prior: Optional[np.ndarray], weight: flo
 
 
 def compact_labels(annotations: np.ndarray, slices, class_ids) -> set[int]:
-    """Labels drawn as one blob per slice (organs), for which stray islands are errors.
+    """Labels drawn as one thick blob per slice (organs), for which stray islands are errors.
 
     A label counts as compact when, over the annotated slices, its largest 2D component holds at
-    least 85 % of its area; grey matter, vessels and other many-piece labels keep all pieces.
+    least 85 % of its area and a one-pixel erosion keeps at least half of it. Grey matter,
+    vessels and other many-piece or thin labels keep all their pieces and their loops unfilled.
     """
     compact = set()
     for k in class_ids:
-        total = biggest = 0
+        total = biggest = core = 0
         for z in slices:
             mask = annotations[z] == k
             if not mask.any():
@@ -124,13 +125,19 @@ def compact_labels(annotations: np.ndarray, slices, class_ids) -> set[int]:
             sizes = np.bincount(lab.ravel())[1:]
             total += int(sizes.sum())
             biggest += int(sizes.max())
-        if total and biggest >= 0.85 * total:
+            core += int(ndi.binary_erosion(mask).sum())
+        if total and biggest >= 0.85 * total and core >= 0.5 * total:
             compact.add(int(k))
     return compact
 
 
-def clean_up(classes: np.ndarray, compact: set[int]) -> np.ndarray:
-    """Class map with each compact label reduced to its largest 3D component and holes filled per slice."""
+def clean_up(classes: np.ndarray, compact: set[int], anchor: Optional[np.ndarray] = None) -> np.ndarray:
+    """Class map with stray islands of each compact label removed and holes filled per slice.
+
+    anchor: class map of what is known (the annotated pixels, or the registered prior); the
+    components of a label that touch its anchor are kept, else the largest one. Keeping the
+    largest alone could throw away the very organ the user painted in favour of a look-alike.
+    """
     out = classes.copy()
     for k in compact:
         mask = classes == k
@@ -138,9 +145,13 @@ def clean_up(classes: np.ndarray, compact: set[int]) -> np.ndarray:
             continue
         lab, n = ndi.label(mask)
         if n > 1:
-            keep = lab == (np.argmax(np.bincount(lab.ravel())[1:]) + 1)
+            touched = np.unique(lab[(anchor == k) & mask]) if anchor is not None else np.array([], int)
+            touched = touched[touched > 0]
+            if len(touched) == 0:
+                touched = [np.argmax(np.bincount(lab.ravel())[1:]) + 1]
+            keep = np.isin(lab, touched)
             out[mask & ~keep] = 0
             mask = keep
-        filled = np.stack([ndi.binary_fill_holes(m) for m in mask]) if mask.ndim == 3 else ndi.binary_fill_holes(mask)
+        filled = np.stack([ndi.binary_fill_holes(m) for m in mask])
         out[filled & (out == 0)] = k
     return out

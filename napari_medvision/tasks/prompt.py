@@ -26,7 +26,7 @@ from ._refine import compact_labels
 
 def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] = None,
            annotations: Optional[Volume] = None, model=None, *, annotated_slices: Optional[Sequence[int]] = None,
-           labels: Optional[Sequence[int | str]] = None, device: Optional[str] = None,
+           labels: Optional[Sequence[int | str]] = None, variant: Optional[str] = None, device: Optional[str] = None,
            progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Volume:
     """Labels Volume on ``volume``'s grid, one label per structure in the prompt, names kept.
 
@@ -36,6 +36,8 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     annotated_slices: which slices count as annotated (default: those with any label), so that a
         slice where the structure is legitimately absent can count as "annotated, empty".
     labels: restrict to these label ids or names (default: every label in the prompt).
+    variant: use this variant instead of the leave-one-out choice (then nothing is checked):
+        "propagation" (annotations) / "registration" (examples), "appearance" or "combined:<w>".
     Returns ``meta["expected_dice"]`` ``{name: Dice or None}`` from leave-one-out (None when the
     prompt has a single slice or example), ``meta["choice"]`` (the variant used) and
     ``meta["leave_one_out"]`` (every variant's mean Dice).
@@ -46,16 +48,21 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     if (examples is None) == (annotations is None):
         raise ValueError("prompt needs either annotations= (a few painted slices) or examples= "
                          "(other scans with masks), not both and not neither")
+    prior = "propagation" if annotations is not None else "registration"
+    if variant is not None and variant not in runs.variants(prior) and not re.fullmatch(r"combined:[0-9.]+", variant):
+        raise ValueError(f"variant must be one of {runs.variants(prior)}, not {variant!r}")
     device = resolve_device(device)
     backbone = load_backbone(model)
     if annotations is not None:
-        return _from_annotations(volume, annotations, annotated_slices, labels, backbone, device, progress, cancel)
-    return _from_examples(volume, list(examples), labels, backbone, device, progress, cancel)
+        return _from_annotations(volume, annotations, annotated_slices, labels, backbone, device, progress, cancel,
+                                 variant)
+    return _from_examples(volume, list(examples), labels, backbone, device, progress, cancel, variant)
 
 
 # --- annotated slices ---------------------------------------------------------------------------
 
-def _from_annotations(volume, annotations, annotated_slices, wanted_labels, backbone, device, progress, cancel):
+def _from_annotations(volume, annotations, annotated_slices, wanted_labels, backbone, device, progress, cancel,
+                      variant=None):
     from ._propagate import slice_displacements
 
     if not isinstance(annotations, Volume):
@@ -66,6 +73,8 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
         raise ValueError(f"annotations have shape {annotations.spatial_shape} but the image has "
                          f"{volume.spatial_shape}; paint them on the image's grid")
     painted = np.asarray(annotations.data)
+    if not np.issubdtype(painted.dtype, np.integer) or (not annotations.is_labels and len(np.unique(painted)) > 256):
+        raise ValueError("annotations look like an image, not a label map: give the painted labels layer")
     depth = painted.shape[0]
     if annotated_slices is None:
         annotated = [int(z) for z in np.flatnonzero(painted.reshape(depth, -1).any(1))]
@@ -84,7 +93,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     n_classes = len(ids) + 1
     compact = compact_labels(classes, annotated, range(1, n_classes))
 
-    n_folds = len(annotated) if len(annotated) >= 2 else 0
+    n_folds = len(annotated) if len(annotated) >= 2 and variant is None else 0
     total = depth - 1 + n_folds + 2
     report(progress, 0, total, "computing image features")
     slices, features, _ = _features(volume, backbone, device, cancel)
@@ -96,10 +105,12 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
         rest = [a for a in annotated if a != hidden]
         maps = runs.from_annotations(features, displacements, classes, rest, n_classes, compact, list(scores),
                                      device, cancel)
-        for variant, pred in maps.items():
-            scores[variant].append(runs.dice_per_class(pred[hidden], classes[hidden], n_classes))
+        for name, pred in maps.items():
+            scores[name].append(runs.overlap_per_class(pred[hidden], classes[hidden], n_classes))
         report(progress, depth + i, total, f"checking: slice {hidden} hidden")
-    choice = _choose(scores, default="combined:1")
+    # Appearance alone is scored for the record, never used: it cannot tell where the
+    # annotated organ is from a look-alike elsewhere in the body.
+    choice = variant or _choose(scores, default="combined:2", allowed=[v for v in scores if v != "appearance"])
     result = runs.from_annotations(features, displacements, classes, annotated, n_classes, compact, [choice],
                                    device, cancel)[choice]
     report(progress, total, total, "done")
@@ -109,7 +120,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
 
 # --- example scans ------------------------------------------------------------------------------
 
-def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel):
+def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel, variant=None):
     if not examples:
         raise ValueError("examples= is empty: give at least one (image, mask) pair")
     for i, pair in enumerate(examples):
@@ -117,7 +128,7 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
     ids, names, example_classes = _example_table([m for _, m in examples], wanted_labels)
     n_classes = len(ids) + 1
     n = len(examples)
-    n_folds = n if n >= 2 else 0
+    n_folds = n if n >= 2 and variant is None else 0
     total = 2 * n + 1 + n_folds * n
     done = [0]
 
@@ -151,10 +162,12 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
         priors, similarities = onto(target_image, grey, rest)
         maps = runs.from_examples(feats, priors, similarities, [p[2] for p in rest], [p[3] for p in rest],
                                   n_classes, compact, list(scores), device, cancel)
-        for variant, pred in maps.items():
-            scores[variant].append(runs.dice_per_class(pred, truth, n_classes))
+        for name, pred in maps.items():
+            scores[name].append(runs.overlap_per_class(pred, truth, n_classes))
     priors, similarities = onto(volume, target_slices.mean(-1), prepared)
-    choice = _choose(scores, default="combined:1")
+    # Without a check, trust the registration in 3D; 2D photos of different eyes or patients
+    # do not line up, so there the appearance head alone is the safer guess.
+    choice = variant or _choose(scores, default="combined:2" if volume.ndim == 3 else "appearance")
     result = runs.from_examples(target_features, priors, similarities, [p[2] for p in prepared],
                                 [p[3] for p in prepared], n_classes, compact, [choice], device, cancel)[choice]
     report(progress, total, total, "done")
@@ -202,18 +215,20 @@ def _compact_in_all(example_classes, n_classes):
     return compact - shown
 
 
-def _choose(scores: dict[str, list[dict[int, float]]], default: str) -> str:
-    """The variant with the best mean leave-one-out Dice (``default`` when there was nothing to check)."""
-    means = {v: _mean([d for fold in folds for d in fold.values()]) for v, folds in scores.items()}
-    means = {v: m for v, m in means.items() if m is not None}
+def _choose(scores: dict[str, list[dict[int, float]]], default: str, allowed=None) -> str:
+    """The variant with the best leave-one-out Dice (``default`` when there was nothing to check).
+
+    On near-ties (0.01) the prior-based variants win over appearance alone, and the combined one
+    over the prior alone: a few folds are a noisy judge, and those degrade most gracefully.
+    allowed: the variants that may be chosen (all scored ones by default).
+    """
+    means = {v: _mean(list(runs.pooled_dice(folds).values())) for v, folds in scores.items()}
+    means = {v: m for v, m in means.items() if m is not None and (allowed is None or v in allowed)}
     if not means:
         return default
     best = max(means.values())
-    # Prefer the combined variants on near-ties: they degrade most gracefully away from the prompt.
-    for v in sorted(means, key=lambda v: (not v.startswith("combined"), v != default)):
-        if means[v] >= best - 0.005:
-            return v
-    return max(means, key=means.get)
+    rank = lambda v: (v == "appearance", not v.startswith("combined"), -means[v])  # noqa: E731
+    return min((v for v in means if means[v] >= best - 0.01), key=rank)
 
 
 def _mean(values):
@@ -225,8 +240,9 @@ def _result(volume, classes, ids, names, scores, choice, meta):
     out_ids = np.array([0] + list(ids))
     dtype = np.uint8 if max(ids) < 256 else np.uint16
     data = out_ids[classes].astype(dtype)
-    expected = {names[k]: _mean([fold.get(i + 1) for fold in scores.get(choice, [])]) for i, k in enumerate(ids)}
-    summary = {v: _mean([d for fold in folds for d in fold.values()]) for v, folds in scores.items()}
+    pooled = runs.pooled_dice(scores.get(choice, []))
+    expected = {names[k]: pooled.get(i + 1) for i, k in enumerate(ids)}
+    summary = {v: _mean(list(runs.pooled_dice(folds).values())) for v, folds in scores.items()}
     meta = dict(meta, source=volume.meta.get("source", "prompt"), choice=choice, expected_dice=expected,
                 leave_one_out=summary)
     return Volume(data, spacing=volume.spacing, origin=volume.origin, direction=volume.direction,

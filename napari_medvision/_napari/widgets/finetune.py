@@ -229,7 +229,8 @@ class FinetuneWidget(QWidget):
 
     # --- running ------------------------------------------------------------------------------------
     def run(self) -> None:
-        image, labels, model_id = self._layer(self.image_box), self._layer(self.labels_box), self.model_box.currentData()
+        image, labels = self._layer(self.image_box), self._layer(self.labels_box)
+        model_id = self.model_box.currentData()
         if image is None or labels is None or model_id is None:
             self.runner.status.setText("choose a model, an image layer and its corrected labels layer first")
             return

@@ -35,6 +35,7 @@ from ..layers import layer_to_volume, volume_to_layer
 from ._task_runner import TaskRunner
 from .segment import devices, image_volume
 
+
 ANNOTATED = "a few painted slices"
 EXAMPLES = "example scans with masks"
 CHOOSE_FILE = "__choose_file__"

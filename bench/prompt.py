@@ -1,0 +1,134 @@
+"""Prompt benchmark: DINO slice embedding (cache miss), cache read, and ``mv.prompt`` from the cache.
+
+One synthetic CT of ``--slices x --size x --size`` voxels, the liver painted on two slices, one
+DINO backbone (``--model``; default a random ViT-S/14: speed does not depend on training).
+Measures, one JSON line each (best of ``--repeat``; device and date in every line):
+
+- ``content_hash``: blake2b of every voxel (the cache key);
+- ``embed``: ``slice_features`` with an empty cache (compute + write the zarr store);
+- ``cache_read``: ``slice_features`` again (verify + read);
+- ``prompt_from_cache``: ``mv.prompt(vol, annotations=..., model=backbone)`` with warm features;
+- ``prompt_intensity_only``: the same with ``model=None``;
+- ``registration_baseline``: ``prompt_baselines.affine_registration`` of another synthetic CT.
+
+Aims: embed <= 1 s and prompt <= 0.3 s for 300 slices on an H100; <= 100 ms per 256x256 slice
+for the prompt from cache on a CPU.
+
+    python bench/prompt.py --device cuda                              # 300x512x512 on the GPU machine
+    python bench/prompt.py --device cpu --slices 12 --size 256        # a reduced CPU check
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import time
+from datetime import date
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+
+def device_name(device: str) -> str:
+    if device.startswith("cuda"):
+        return torch.cuda.get_device_name(0)
+    return f"CPU ({platform.machine()}, {torch.get_num_threads()} threads, {os.cpu_count()} cores)"
+
+
+def timed(fn, repeat: int, sync: bool) -> tuple[float, object]:
+    best, result = float("inf"), None
+    for _ in range(repeat):
+        if sync:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        result = fn()
+        if sync:
+            torch.cuda.synchronize()
+        best = min(best, time.perf_counter() - start)
+    return best, result
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--device", default=None)
+    parser.add_argument("--slices", type=int, default=300)
+    parser.add_argument("--size", type=int, default=512)
+    parser.add_argument("--model", default="random-vits14")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    os.environ["MEDVISION_HOME"] = tempfile.mkdtemp(prefix="medvision-bench-")  # an empty cache
+
+    from napari_medvision.engine.device import resolve_device
+    from napari_medvision.engine.embeddings import EmbeddingConfig, content_hash, slice_features
+    from napari_medvision.models.dino import load_backbone
+    from napari_medvision.synthetic import ct_abdomen
+    from napari_medvision.tasks.prompt import prompt
+
+    device = resolve_device(args.device)
+    sync = device.startswith("cuda")
+    shape = (args.slices, args.size, args.size)
+    image, labels = ct_abdomen(seed=0, shape=shape)
+    liver = next(k for k, v in labels.labels.items() if v == "liver")
+    present = np.flatnonzero((np.asarray(labels.data) == liver).reshape(shape[0], -1).any(1))
+    chosen = [int(present[len(present) // 3]), int(present[2 * len(present) // 3])]
+    painted = np.zeros(shape, dtype=np.uint8)
+    painted[chosen] = (np.asarray(labels.data)[chosen] == liver).astype(np.uint8)
+    annotations = labels.with_data(painted, labels={1: "liver"})
+    backbone = load_backbone(args.model).to(device)
+    common = {"device": device_name(device), "date": date.today().isoformat(), "volume": list(shape),
+              "model": backbone.name, "short_side": EmbeddingConfig().short_side}
+
+    def emit(measure: str, seconds: float, **extra) -> None:
+        print(json.dumps({"bench": "prompt", "measure": measure, "seconds": round(seconds, 4),
+                          "per_slice_ms": round(1000 * seconds / shape[0], 2), **common, **extra}), flush=True)
+
+    seconds, _ = timed(lambda: content_hash(image.data), args.repeat, False)
+    emit("content_hash", seconds, megabytes=round(image.data.nbytes / 2**20, 1))
+
+    # A warm-up on two slices (kernels, allocator), then the full volume into an empty cache.
+    slice_features(image.data[:2], backbone, device=device, cache=False)
+    seconds, feats = timed(lambda: slice_features(image, backbone, device=device, batch_size=args.batch_size),
+                           1, sync)
+    emit("embed", seconds, grid=list(feats.patch_grid), cache_megabytes=round(feats.features.nbytes / 2**20, 1))
+    seconds, feats = timed(lambda: slice_features(image, backbone, device=device), args.repeat, sync)
+    assert feats.from_cache
+    emit("cache_read", seconds)
+
+    run = lambda model: prompt(image, annotations=annotations, model=model, device=device)  # noqa: E731
+    run(backbone)  # warm-up
+    seconds, result = timed(lambda: run(backbone), args.repeat, sync)
+    truth = np.asarray(labels.data) == liver
+    found = np.asarray(result.data) == 1
+    dice = 2 * (found & truth).sum() / max(found.sum() + truth.sum(), 1)
+    emit("prompt_from_cache", seconds, dice_liver=round(float(dice), 3), annotated=chosen)
+    seconds, result = timed(lambda: run(None), args.repeat, sync)
+    found = np.asarray(result.data) == 1
+    dice = 2 * (found & truth).sum() / max(found.sum() + truth.sum(), 1)
+    emit("prompt_intensity_only", seconds, dice_liver=round(float(dice), 3), annotated=chosen)
+
+    try:
+        from napari_medvision.tasks.prompt_baselines import affine_registration
+    except ImportError:
+        return 0
+    other, other_labels = ct_abdomen(seed=1, shape=shape)
+    mask = other_labels.with_data((np.asarray(other_labels.data) == liver).astype(np.uint8), labels={1: "liver"})
+    seconds, result = timed(lambda: affine_registration(image, other, mask), args.repeat, False)
+    found = np.asarray(result.data) == 1
+    dice = 2 * (found & truth).sum() / max(found.sum() + truth.sum(), 1)
+    emit("registration_baseline", seconds, dice_liver=round(float(dice), 3))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Prompting evaluation: Dice against the number of annotated slices or example scans, on real data.
+
+For each dataset the method (``mv.prompt``, leave-one-out choice), its parts alone (the spatial
+prior: slice propagation or registered examples; the appearance head) and the baselines (slice
+copy; affine registration of one example) are scored with Dice against the reference labels.
+Prints one JSON line per measurement and, with ``--table``, writes a markdown table.
+
+    python bench/prompt_eval.py                         # all datasets, CPU, a few minutes
+    python bench/prompt_eval.py --only ct_slices --table docs/prompt_table.md
+
+Data: ``$MEDVISION_DATA`` or ``../shared/data`` (see tests/conftest.py).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+import napari_medvision as mv  # noqa: E402
+from napari_medvision.tasks.prompt_baselines import affine_registration, slice_copy  # noqa: E402
+from napari_medvision.volume import Volume  # noqa: E402
+
+DATA = Path(os.environ.get("MEDVISION_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
+ORGANS = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left"}  # TotalSegmentator ids (CT and MR)
+
+
+def mean_dice(pred, truth, ids, fov=None) -> float:
+    pred, truth = np.asarray(pred), np.asarray(truth)
+    if fov is not None:
+        pred, truth = np.where(fov, pred, 0), np.where(fov, truth, 0)
+    out = []
+    for k in ids:
+        p, t = pred == k, truth == k
+        if p.sum() + t.sum():
+            out.append(2 * (p & t).sum() / (p.sum() + t.sum()))
+    return float(np.mean(out))
+
+
+def spread(labels: np.ndarray, n: int) -> list[int]:
+    """``n`` slices evenly spread over the extent of the labels (what a user would paint)."""
+    z = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(1))
+    return sorted({int(z[0] + (i + 0.5) * (z[-1] - z[0] + 1) / n) for i in range(n)})
+
+
+def emit(rows, **row):
+    row = {k: (round(v, 3) if isinstance(v, float) else v) for k, v in row.items()}
+    rows.append(row)
+    print(json.dumps(row), flush=True)
+
+
+# --- datasets ------------------------------------------------------------------------------------
+
+def organs(kind: str):
+    image = mv.load(DATA / "ct_mr_totalseg" / ("example_ct_sm.nii.gz" if kind == "CT" else "example_mr_sm.nii.gz"))
+    seg = mv.load(DATA / "ct_mr_totalseg" / ("example_seg.nii.gz" if kind == "CT" else "example_seg_mr.nii.gz"))
+    data = np.where(np.isin(seg.data, list(ORGANS)), seg.data, 0).astype(np.uint8)
+    return image, seg.with_data(data, labels=dict(ORGANS))
+
+
+def brain():
+    """MNI152 T1 at 2 mm with grey / white matter (probability > 50 %) as labels 1 / 2."""
+    folder = DATA / "mri_brain_mni152"
+    t1 = mv.load(folder / "mni_icbm152_t1_tal_nlin_sym_09a_converted.nii.gz")
+    gm = np.asarray(mv.load(folder / "mni_icbm152_gm_tal_nlin_sym_09a_converted.nii.gz").data)[::2, ::2, ::2]
+    wm = np.asarray(mv.load(folder / "mni_icbm152_wm_tal_nlin_sym_09a_converted.nii.gz").data)[::2, ::2, ::2]
+    geometry = dict(spacing=tuple(2 * s for s in t1.spacing), origin=t1.origin, direction=t1.direction)
+    image = Volume(np.asarray(t1.data)[::2, ::2, ::2], modality="MR", **geometry)
+    labels = np.zeros(gm.shape, np.uint8)
+    labels[gm > 127] = 1
+    labels[wm > 127] = 2
+    return image, Volume(labels, labels={1: "grey_matter", 2: "white_matter"}, **geometry)
+
+
+def drive(i: int):
+    """DRIVE photo ``i`` at half resolution, its manual vessels and field of view."""
+    folder = DATA / "fundus_drive_train"
+    image = mv.load(folder / f"images/{i}_training.tif")
+    vessels = np.asarray(mv.load(folder / f"1st_manual/{i}_manual1.gif").data)[::2, ::2] > 0
+    fov = np.asarray(mv.load(folder / f"mask/{i}_training_mask.gif").data)[::2, ::2] > 0
+    image = Volume(np.asarray(image.data)[::2, ::2], spacing=(2, 2), rgb=True, modality="fundus")
+    return image, Volume(vessels.astype(np.uint8), spacing=(2, 2), labels={1: "vessel"}), fov
+
+
+def phantom(seed: int):
+    from napari_medvision.synthetic import ct_abdomen
+
+    image, labels = ct_abdomen(seed=seed, shape=(40, 100, 120), spacing=(3.0, 3.0, 3.0))
+    keep = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left"}
+    return image, labels.with_data(np.where(np.isin(labels.data, list(keep)), labels.data, 0).astype(np.uint8),
+                                   labels=keep)
+
+
+# --- experiments ---------------------------------------------------------------------------------
+
+def slices_experiment(rows, name, image, truth, counts):
+    ids = sorted(int(k) for k in np.unique(truth.data) if k)
+    for n in counts:
+        chosen = spread(np.asarray(truth.data), n)
+        painted = np.zeros_like(truth.data)
+        painted[chosen] = np.asarray(truth.data)[chosen]
+        annotations = truth.with_data(painted)
+        common = dict(dataset=name, prompts=f"{n} slices", n=n)
+        start = time.time()
+        result = mv.prompt(image, annotations=annotations, device="cpu")
+        seconds = time.time() - start
+        expected = [d for d in result.meta["expected_dice"].values() if d is not None]
+        emit(rows, **common, method="prompt", dice=mean_dice(result.data, truth.data, ids), seconds=seconds,
+             choice=result.meta["choice"], expected=float(np.mean(expected)) if expected else None)
+        for variant in ("propagation", "appearance"):
+            part = mv.prompt(image, annotations=annotations, variant=variant, device="cpu")
+            emit(rows, **common, method=f"{variant} alone", dice=mean_dice(part.data, truth.data, ids))
+        emit(rows, **common, method="slice copy", dice=mean_dice(slice_copy(annotations).data, truth.data, ids))
+
+
+def examples_experiment(rows, name, target, truth, examples, counts, fov=None, parts=("registration", "appearance")):
+    ids = sorted(int(k) for k in np.unique(truth.data) if k)
+    names = [truth.labels[k] for k in ids]
+    emit(rows, dataset=name, prompts="1 example", n=1, method="affine registration",
+         dice=mean_dice(_renamed(affine_registration(target, *examples[0]), truth).data, truth.data, ids, fov))
+    for n in counts:
+        common = dict(dataset=name, prompts=f"{n} example{'s' * (n > 1)}", n=n)
+        start = time.time()
+        result = _renamed(mv.prompt(target, examples=examples[:n], labels=names, device="cpu"), truth)
+        expected = [d for d in result.meta["expected_dice"].values() if d is not None]
+        emit(rows, **common, method="prompt", dice=mean_dice(result.data, truth.data, ids, fov),
+             seconds=time.time() - start, choice=result.meta["choice"],
+             expected=float(np.mean(expected)) if expected else None)
+        for variant in parts:
+            part = _renamed(mv.prompt(target, examples=examples[:n], labels=names, variant=variant, device="cpu"), truth)
+            emit(rows, **common, method=f"{variant} alone", dice=mean_dice(part.data, truth.data, ids, fov))
+
+
+def _renamed(result, truth):
+    """``result`` with its label ids changed to ``truth``'s, matched by name."""
+    by_name = {v: k for k, v in truth.labels.items()}
+    lookup = np.zeros(max(result.labels) + 1, dtype=np.uint8)
+    for k, v in result.labels.items():
+        lookup[k] = by_name.get(v, 0)
+    return result.with_data(lookup[np.asarray(result.data)], labels=dict(truth.labels))
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", nargs="*", help="datasets to run (default: all)")
+    parser.add_argument("--table", help="write a markdown table here")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(1)
+    rows = []
+    run = lambda key: not args.only or key in args.only  # noqa: E731
+    if run("ct_slices"):
+        slices_experiment(rows, "CT organs, in-volume (real)", *organs("CT"), (1, 2, 3, 5))
+    if run("mr_slices"):
+        slices_experiment(rows, "MR organs, in-volume (real)", *organs("MR"), (1, 2, 3, 5))
+    if run("brain_slices"):
+        slices_experiment(rows, "brain GM/WM, in-volume (MNI152, 2 mm)", *brain(), (1, 2, 3, 5))
+    if run("fundus"):
+        target, truth, fov = drive(21)
+        examples = [drive(i)[:2] for i in (22, 23, 24)]
+        examples_experiment(rows, "fundus vessels, DRIVE 22-24 -> 21 (half res.)", target, truth, examples,
+                            (1, 2, 3), fov, parts=("appearance",))
+    if run("ct_cross"):
+        phantoms = [phantom(s) for s in (1, 2, 3)]
+        examples_experiment(rows, "CT organs, phantoms -> real CT", *organs("CT"), phantoms, (1, 2, 3))
+        target, truth = phantom(4)
+        examples_experiment(rows, "CT organs, real CT -> phantom", target, truth, [organs("CT")], (1,))
+    if args.table:
+        write_table(rows, Path(args.table))
+    return 0
+
+
+def write_table(rows, path: Path) -> None:
+    lines = ["| dataset | prompt | method | Dice | LOO estimate | choice | s |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        est = "" if r.get("expected") is None else f"{r['expected']:.3f}"
+        sec = "" if r.get("seconds") is None else f"{r['seconds']:.0f}"
+        lines.append(f"| {r['dataset']} | {r['prompts']} | {r['method']} | {r['dice']:.3f} | {est} | "
+                     f"{r.get('choice', '')} | {sec} |")
+    path.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,429 @@
+"""Recipe: our own medical DINO, a ViT-S with 8 px patches trained self-supervised on medical slices.
+
+Why: DINOv2/v3 were trained on natural photos at 14/16 px patches; prompting thin structures
+(vessels, retinal layers, small organs) wants finer patches and medical texture. This recipe
+follows DINOv2 in miniature:
+
+- multi-crop: 2 global crops + several local crops per slice (random resized crops, flips,
+  intensity gamma/contrast, blur, noise), grey slices replicated to RGB like at inference;
+- DINO loss: the student's [CLS] distribution on every crop matches the EMA teacher's on the other
+  global crop; the teacher output is centred (running mean) and sharpened (low temperature);
+- iBOT loss: random patches of the student's global crops are replaced by a mask token and must
+  predict the teacher's (centred, sharpened) patch distribution at those positions;
+- teacher = exponential moving average of the student (momentum 0.996 -> 1, cosine).
+
+Data: every 2D slice of every image under ``../shared/data`` that ``mv.load`` reads (volumes
+are cut along all three axes, label maps skipped) plus synthetic CT/MR/OCT/fundus slices from
+``napari_medvision.synthetic``. No labels are used; ``--hold-out`` files are kept out for the
+evaluation (label transfer from one slice to the others by nearest class mean, Dice).
+
+STATUS: runnable on a GPU later; NOT trained yet. In the task that wrote it there was no GPU
+and the CPU was busy, so only a one-minute smoke run (``--smoke``) checked that the losses run
+and fall. No weights from that run are shipped. A real run, e.g. on one H100:
+
+    python -m napari_medvision.recipes.medical_dino --steps 60000 --batch-size 128 --out weights
+
+writes ``weights/medical-dino-vits8.safetensors`` with its card; ``mv.prompt(..., model=
+"medical-dino-vits8")`` and the Prompt panel then offer it (``models.dino.load_backbone``).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+MODEL_ID = "medical-dino-vits8"
+TIMM_NAME = "vit_small_patch14_reg4_dinov2"  # DINOv2 ViT-S with 4 registers, built at patch 8
+OVERRIDES = {"patch_size": 8, "img_size": 224}
+HOLD_OUT = ("ct_mr_totalseg/example_ct_sm.nii.gz", "fundus_drive_train/images/40_training.tif")
+
+
+@dataclass
+class DinoConfig:
+    """Sizes of one run; ``smoke()`` is the CPU check, the defaults a GPU run."""
+
+    global_size: int = 224
+    local_size: int = 96
+    n_local: int = 8
+    global_scale: tuple[float, float] = (0.32, 1.0)
+    local_scale: tuple[float, float] = (0.05, 0.32)
+    prototypes: int = 65536
+    patch_prototypes: int = 8192
+    head_hidden: int = 2048
+    bottleneck: int = 256
+    student_temp: float = 0.1
+    teacher_temp: tuple[float, float] = (0.04, 0.07)  # warmed up over the first 30 % of steps
+    center_momentum: float = 0.9
+    momentum: tuple[float, float] = (0.996, 1.0)
+    mask_ratio: tuple[float, float] = (0.1, 0.5)
+    ibot_weight: float = 1.0
+    lr: float = 5e-4  # per 256 images
+    weight_decay: float = 0.04
+    clip_grad: float = 3.0
+    depth: int | None = None  # None: the full 12 blocks
+
+    @classmethod
+    def smoke(cls) -> "DinoConfig":
+        return cls(global_size=64, local_size=32, n_local=2, prototypes=512, patch_prototypes=256,
+                   head_hidden=256, bottleneck=64, depth=4)
+
+
+# --- data ------------------------------------------------------------------------------------
+
+def _unit(volume) -> np.ndarray:
+    """A Volume's data as float32 in [0, 1]: colour / 255, else its 0.5-99.5 percentiles."""
+    data = np.asarray(volume.data, dtype=np.float32)
+    if volume.rgb:
+        return data / 255.0
+    lo, hi = np.percentile(data[:: max(1, data.shape[0] // 16)], [0.5, 99.5])
+    return np.clip((data - lo) / max(hi - lo, 1e-6), 0, 1)
+
+
+def _slices_of(volume, min_side: int = 32, stride: int = 1) -> list[np.ndarray]:
+    """2D slices ``(H, W)`` or ``(H, W, 3)`` float16: a 3D scan along all three axes."""
+    data = _unit(volume)
+    if volume.n_leading:
+        data = data[0]
+    if volume.rgb or volume.ndim == 2:
+        return [data.astype(np.float16)] if min(data.shape[:2]) >= min_side else []
+    out = []
+    for axis in range(3):
+        moved = np.moveaxis(data, axis, 0)
+        if min(moved.shape[1:]) < min_side:
+            continue
+        out += [s.astype(np.float16) for s in moved[::stride] if s.std() > 0.02]
+    return out
+
+
+def real_slices(root: Path, hold_out=HOLD_OUT, stride: int = 1, limit: int | None = None) -> list[np.ndarray]:
+    """Slices of every image under ``root`` that ``mv.load`` reads, except label maps and ``hold_out``."""
+    from .. import io
+
+    slices: list[np.ndarray] = []
+    held = {str(root / h) for h in hold_out}
+    for path in sorted(root.rglob("*")):
+        if str(path) in held or path.name.startswith(".") or path.suffix in (".json", ".md", ".txt", ".csv"):
+            continue
+        if not path.is_file() and path.suffix != ".zarr":  # files one by one: a folder would repeat them
+            continue
+        if any(word in part.lower() for part in path.parts[-2:] for word in ("seg", "mask", "manual", "label")):
+            continue  # label maps and DRIVE's vessel / field-of-view masks are not images
+        try:
+            volumes = io.load_all(path)
+        except Exception:  # not an image (licences, headers, partial DICOM trees): skip it
+            continue
+        for volume in volumes:
+            if not volume.is_labels:
+                slices += _slices_of(volume, stride=stride)
+        if limit and len(slices) >= limit:
+            break
+    return slices
+
+
+def synthetic_slices(n_per_kind: int, seed: int = 0, stride: int = 4) -> list[np.ndarray]:
+    """Slices of synthetic CT, MR (all contrasts), OCT and fundus images (seeds ``seed``...)."""
+    from ..synthetic import brain_mr, ct_abdomen, fundus_photo, oct_volume
+
+    out: list[np.ndarray] = []
+    for i in range(n_per_kind):
+        s = seed + i
+        ct, _ = ct_abdomen(seed=s)
+        mr, _ = brain_mr(seed=s)
+        oct_, _ = oct_volume(seed=s)
+        photo, _ = fundus_photo(seed=s)
+        for volume in (ct, *mr.values(), oct_):
+            out += _slices_of(volume, stride=stride)
+        out += _slices_of(photo)
+    return out
+
+
+class MultiCrop(torch.utils.data.Dataset):
+    """Global and local crops of one slice, each ``(3, size, size)`` in [0, 1]."""
+
+    def __init__(self, slices: list[np.ndarray], config: DinoConfig, seed: int = 0):
+        from torchvision.transforms import v2
+
+        self.slices = slices
+        self.config = config
+        self.seed = seed
+        self.global_crop = v2.RandomResizedCrop(config.global_size, scale=config.global_scale, antialias=True)
+        self.local_crop = v2.RandomResizedCrop(config.local_size, scale=config.local_scale, antialias=True)
+        self.flip = v2.RandomHorizontalFlip()
+        self.blur = v2.RandomApply([v2.GaussianBlur(9, sigma=(0.1, 2.0))], p=0.5)
+
+    def __len__(self) -> int:
+        return len(self.slices)
+
+    def _intensity(self, x: torch.Tensor) -> torch.Tensor:
+        """Scanner-like changes: gamma, contrast/brightness, noise (never colour hue on grey)."""
+        gamma = math.exp(np.random.uniform(-0.4, 0.4))
+        x = x.clamp(0, 1) ** gamma
+        x = (x - 0.5) * np.random.uniform(0.7, 1.3) + 0.5 + np.random.uniform(-0.1, 0.1)
+        if np.random.rand() < 0.3:
+            x = x + torch.randn_like(x) * np.random.uniform(0, 0.05)
+        return x.clamp(0, 1)
+
+    def __getitem__(self, i: int) -> list[torch.Tensor]:
+        image = torch.from_numpy(self.slices[i].astype(np.float32))
+        image = image.permute(2, 0, 1) if image.ndim == 3 else image[None].expand(3, -1, -1)
+        crops = [self._intensity(self.blur(self.flip(self.global_crop(image)))) for _ in range(2)]
+        crops += [self._intensity(self.flip(self.local_crop(image))) for _ in range(self.config.n_local)]
+        return crops
+
+
+# --- model -----------------------------------------------------------------------------------
+
+class DinoHead(nn.Module):
+    """MLP -> L2-normalised bottleneck -> weight-normalised prototypes (DINO's projection head)."""
+
+    def __init__(self, dim: int, prototypes: int, hidden: int, bottleneck: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(dim, hidden), nn.GELU(), nn.Linear(hidden, hidden), nn.GELU(),
+                                 nn.Linear(hidden, bottleneck))
+        self.last = nn.utils.parametrizations.weight_norm(nn.Linear(bottleneck, prototypes, bias=False))
+        self.last.parametrizations.weight.original0.data.fill_(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.last(F.normalize(self.mlp(x), dim=-1))
+
+
+class DinoModel(nn.Module):
+    """Backbone + image-level (DINO) and patch-level (iBOT) heads; the mask token for iBOT."""
+
+    def __init__(self, config: DinoConfig):
+        super().__init__()
+        from ..models.dino import create_network
+
+        overrides = dict(OVERRIDES, img_size=config.global_size)
+        if config.depth:
+            overrides["depth"] = config.depth
+        self.backbone = create_network(TIMM_NAME, **overrides)
+        dim = self.backbone.embed_dim
+        self.mask_token = nn.Parameter(torch.zeros(1, 1, 1, dim))
+        self.dino_head = DinoHead(dim, config.prototypes, config.head_hidden, config.bottleneck)
+        self.ibot_head = DinoHead(dim, config.patch_prototypes, config.head_hidden, config.bottleneck)
+
+    def tokens(self, images: torch.Tensor, mask: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``([CLS] (B, C), patch tokens (B, h*w, C))``; ``mask`` ``(B, h, w)`` hides patches."""
+        net = self.backbone
+        x = net.patch_embed(images)  # (B, h, w, C) with dynamic_img_size
+        if mask is not None:
+            x = torch.where(mask[..., None], self.mask_token.to(x.dtype), x)
+        x = net.norm_pre(net._pos_embed(x))
+        x = net.norm(net.blocks(x))
+        return x[:, 0], x[:, net.num_prefix_tokens:]
+
+
+def _random_masks(batch: int, grid: tuple[int, int], ratio: tuple[float, float], generator=None) -> torch.Tensor:
+    """Half of the images get a random share (``ratio``) of their patches masked, as in iBOT."""
+    h, w = grid
+    masks = torch.zeros(batch, h, w, dtype=torch.bool)
+    for b in range(batch):
+        if b % 2:
+            continue
+        share = float(torch.empty(1).uniform_(*ratio, generator=generator))
+        chosen = torch.randperm(h * w, generator=generator)[: max(1, int(share * h * w))]
+        masks[b].view(-1)[chosen] = True
+    return masks
+
+
+# --- losses ----------------------------------------------------------------------------------
+
+class CenteredTeacher:
+    """Teacher targets: centred by a running mean of its outputs, then sharpened by temperature."""
+
+    def __init__(self, dim: int, momentum: float, device):
+        self.center = torch.zeros(1, dim, device=device)
+        self.momentum = momentum
+
+    def targets(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        return F.softmax((logits - self.center) / temperature, dim=-1)
+
+    @torch.no_grad()
+    def update(self, logits: torch.Tensor) -> None:
+        mean = logits.mean(0, keepdim=True)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(mean)
+            mean /= torch.distributed.get_world_size()
+        self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+
+
+def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], student_temp: float) -> torch.Tensor:
+    """Cross-entropy of each student crop against each teacher global crop of another view."""
+    total, pairs = 0.0, 0
+    for t_index, target in enumerate(teacher):
+        for s_index, logits in enumerate(student):
+            if s_index == t_index:
+                continue
+            total = total + torch.sum(-target * F.log_softmax(logits / student_temp, dim=-1), dim=-1).mean()
+            pairs += 1
+    return total / pairs
+
+
+def ibot_loss(student_logits: torch.Tensor, teacher_targets: torch.Tensor, masks: torch.Tensor,
+              student_temp: float) -> torch.Tensor:
+    """Cross-entropy at the masked patches only (``(M, K)`` each), every masked image weighted equally."""
+    flat = masks.flatten(1)
+    if not flat.any():
+        return student_logits.sum() * 0
+    image_of = flat.nonzero()[:, 0]
+    per_image = flat.sum(1).clamp(min=1).to(student_logits.dtype)
+    per_patch = torch.sum(-teacher_targets * F.log_softmax(student_logits / student_temp, dim=-1), dim=-1)
+    return (per_patch / per_image[image_of]).sum() / int((flat.sum(1) > 0).sum())
+
+
+def _cosine(start: float, end: float, step: int, total: int) -> float:
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
+
+
+# --- training --------------------------------------------------------------------------------
+
+def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: int, device: str,
+          time_budget: float | None = None, seed: int = 0, workers: int = 0, log=print):
+    """The EMA teacher (``DinoModel``) after ``steps`` optimiser steps, and the loss history."""
+    import time
+
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    student = DinoModel(config).to(device)
+    teacher = copy.deepcopy(student).requires_grad_(False)
+    loader = torch.utils.data.DataLoader(MultiCrop(slices, config, seed), batch_size=batch_size, shuffle=True,
+                                         drop_last=len(slices) >= batch_size, num_workers=workers,
+                                         persistent_workers=workers > 0)
+    lr = config.lr * batch_size / 256
+    optimiser = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=config.weight_decay)
+    centre_cls = CenteredTeacher(config.prototypes, config.center_momentum, device)
+    centre_patch = CenteredTeacher(config.patch_prototypes, config.center_momentum, device)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
+        "cpu", enabled=False)
+    history, step, start = [], 0, time.perf_counter()
+    patch = OVERRIDES["patch_size"]
+    grid = (config.global_size // patch, config.global_size // patch)
+    warm = max(1, int(0.3 * steps))
+    while step < steps:
+        for crops in loader:
+            crops = [c.to(device, non_blocking=True) for c in crops]
+            glob = torch.cat(crops[:2])
+            masks = _random_masks(glob.shape[0], grid, config.mask_ratio).to(device)
+            t_temp = _cosine(config.teacher_temp[0], config.teacher_temp[1], min(step, warm), warm)
+            for group in optimiser.param_groups:
+                group["lr"] = lr * min(1.0, (step + 1) / warm) * _cosine(1, 0.01, step, steps)
+            with amp:
+                with torch.no_grad():
+                    t_cls, t_patches = teacher.tokens(glob)
+                    t_logits = teacher.dino_head(t_cls).float()
+                    t_patch_logits = teacher.ibot_head(t_patches[masks.flatten(1)]).float()
+                s_cls, s_patches = student.tokens(glob, masks)
+                s_logits = [student.dino_head(s_cls).float()]
+                s_logits += [student.dino_head(student.tokens(local)[0]).float() for local in crops[2:]]
+                s_patch_logits = student.ibot_head(s_patches[masks.flatten(1)]).float()
+            teacher_targets = list(centre_cls.targets(t_logits, t_temp).chunk(2))
+            student_views = list(s_logits[0].chunk(2)) + s_logits[1:]
+            loss_dino = dino_loss(student_views, teacher_targets, config.student_temp)
+            loss_ibot = ibot_loss(s_patch_logits, centre_patch.targets(t_patch_logits, t_temp), masks,
+                                  config.student_temp)
+            loss = loss_dino + config.ibot_weight * loss_ibot
+            optimiser.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
+            optimiser.step()
+            centre_cls.update(t_logits)
+            if len(t_patch_logits):
+                centre_patch.update(t_patch_logits)
+            momentum = _cosine(config.momentum[0], config.momentum[1], step, steps)
+            with torch.no_grad():
+                for t, s in zip(teacher.parameters(), student.parameters()):
+                    t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
+            step += 1
+            history.append({"step": step, "dino": round(float(loss_dino), 4), "ibot": round(float(loss_ibot), 4)})
+            if step % 10 == 0 or step == 1:
+                log(f"step {step}/{steps}: dino {float(loss_dino):.3f} ibot {float(loss_ibot):.3f} "
+                    f"({time.perf_counter() - start:.0f} s)")
+            if step >= steps or (time_budget and time.perf_counter() - start > time_budget):
+                return teacher, history, time.perf_counter() - start
+    return teacher, history, time.perf_counter() - start
+
+
+# --- evaluation --------------------------------------------------------------------------------
+
+def label_transfer_dice(backbone, image, labels, slices: list[int], label: int) -> float:
+    """Dice of ``label`` on ``slices[1:]`` predicted from ``slices[0]`` by nearest class mean of features."""
+    from ..engine.embeddings import EmbeddingConfig, slice_features
+
+    feats = slice_features(image, backbone, cache=False, config=EmbeddingConfig(short_side=224))
+    truth = np.asarray(labels.data) == label
+    ref = feats.at_pixels(slices[0])
+    inside, outside = ref[:, torch.from_numpy(truth[slices[0]])], ref[:, torch.from_numpy(~truth[slices[0]])]
+    means = torch.stack([outside.mean(1), inside.mean(1)])  # (2, C)
+    dice = []
+    for z in slices[1:]:
+        pixels = feats.at_pixels(z)
+        distance = torch.cdist(pixels.flatten(1).T, means)
+        predicted = (distance.argmin(1) == 1).reshape(truth[z].shape).numpy()
+        overlap = np.logical_and(predicted, truth[z]).sum()
+        dice.append(2 * overlap / max(predicted.sum() + truth[z].sum(), 1))
+    return float(np.mean(dice))
+
+
+def main(argv: list[str] | None = None) -> int:
+    from ..engine.device import resolve_device
+    from ..models.dino import Backbone, state_checksum
+    from .common import data_dir, recipe_arguments
+
+    parser = recipe_arguments(__doc__.splitlines()[0], steps=60000, batch_size=128, preset="small")
+    parser.add_argument("--smoke", action="store_true", help="tiny CPU check: a minute, nothing saved")
+    parser.add_argument("--synthetic", type=int, default=8, help="synthetic scans of each kind")
+    parser.add_argument("--workers", type=int, default=8)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = resolve_device(args.device)
+    config = DinoConfig.smoke() if args.smoke else DinoConfig()
+    root = data_dir()
+    slices = real_slices(root, stride=4 if args.smoke else 1, limit=200 if args.smoke else None)
+    n_real = len(slices)
+    slices += synthetic_slices(1 if args.smoke else args.synthetic, seed=args.seed, stride=8 if args.smoke else 2)
+    print(f"{n_real} real + {len(slices) - n_real} synthetic slices; device {device}")
+    teacher, history, seconds = train(slices, config, args.steps, args.batch_size, device,
+                                      args.time_budget, args.seed, 0 if args.smoke else args.workers)
+    first, last = history[0], history[-1]
+    print(f"{len(history)} steps in {seconds:.0f} s: dino {first['dino']} -> {last['dino']}, "
+          f"ibot {first['ibot']} -> {last['ibot']}")
+    if args.smoke:
+        print("smoke run: nothing saved")
+        return 0
+    from .. import io
+    from ..models.card import ModelCard
+    from .common import device_summary, save_shipped
+
+    backbone = Backbone(teacher.backbone.cpu(), TIMM_NAME, state_checksum(teacher.backbone.state_dict()))
+    ct, seg = io.load(root / HOLD_OUT[0]), io.load(root / "ct_mr_totalseg" / "example_seg.nii.gz")
+    liver = next(k for k, v in (seg.labels or {}).items() if v == "liver")
+    z = [int(i) for i in np.flatnonzero((np.asarray(seg.data) == liver).reshape(seg.data.shape[0], -1).any(1))]
+    chosen = z[len(z) // 2:: max(1, len(z) // 8)][:4]
+    card = ModelCard(
+        id=MODEL_ID, task="features", modality="any", sha256="",
+        architecture={"name": "dino", "config": {"timm_name": TIMM_NAME, "overrides": dict(OVERRIDES)}},
+        input={"normalisation": {"kind": "percentile", "low": 0.5, "high": 99.5}, "patch_size": 8,
+               "channels": 3, "short_side": 448},
+        training={"data": "all of ../shared/data except the held-out files, all three slice axes; synthetic "
+                          "CT/MR/OCT/fundus", "held_out": list(HOLD_OUT), "steps": len(history),
+                  "batch_size": args.batch_size, "device": device_summary(device), "wall_time_s": round(seconds),
+                  "recipe": "napari_medvision.recipes.medical_dino", "final_loss": last},
+        metrics={"liver_label_transfer_dice_example_ct_sm": label_transfer_dice(backbone, ct, seg, chosen, liver)},
+        description="Self-supervised DINO+iBOT ViT-S/8 for medical slices (features for mv.prompt).",
+    )
+    save_shipped(backbone.network, card, args.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

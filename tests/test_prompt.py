@@ -1,0 +1,155 @@
+"""In-context prompting: a whole volume from a few painted slices or from example scans."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+import napari_medvision as mv
+from napari_medvision.engine.progress import Cancelled, CancelToken
+from napari_medvision.synthetic import ct_abdomen
+from napari_medvision.tasks.prompt_baselines import affine_registration, slice_copy
+
+torch.set_num_threads(1)
+
+SHAPE, SPACING = (24, 64, 64), (6.0, 4.0, 4.0)  # small phantoms: ~1 s to build, a few s to prompt
+LIVER, SPLEEN = 1, 2
+
+
+def dice(pred, truth, k):
+    p, t = np.asarray(pred) == k, np.asarray(truth) == k
+    return 2 * (p & t).sum() / (p.sum() + t.sum())
+
+
+@pytest.fixture(scope="module")
+def phantom():
+    image, labels = ct_abdomen(seed=1, shape=SHAPE, spacing=SPACING)
+    organs = np.where(np.isin(labels.data, [LIVER, SPLEEN]), labels.data, 0).astype(np.uint8)
+    return image, labels.with_data(organs)
+
+
+def painted(labels, slices):
+    data = np.zeros_like(labels.data)
+    data[slices] = labels.data[slices]
+    return labels.with_data(data)
+
+
+def test_prompt_from_three_slices_segments_liver_and_spleen(phantom):
+    image, truth = phantom
+    annotations = painted(truth, [8, 12, 16])
+    result = mv.prompt(image, annotations=annotations, device="cpu")
+
+    assert result.same_grid(image) and result.labels == {LIVER: "liver", SPLEEN: "spleen"}
+    np.testing.assert_array_equal(result.data[12], truth.data[12])  # painted slices are kept as drawn
+    copied = slice_copy(annotations).data
+    ours = [dice(result.data, truth.data, k) for k in (LIVER, SPLEEN)]
+    baseline = [dice(copied, truth.data, k) for k in (LIVER, SPLEEN)]
+    assert ours[0] > 0.85 and ours[1] > 0.6, ours
+    assert np.mean(ours) > np.mean(baseline) + 0.05, (ours, baseline)
+    # Leave-one-out over the three slices: an estimate per label, and the variant it picked.
+    expected = result.meta["expected_dice"]
+    assert set(expected) == {"liver", "spleen"} and 0.3 < expected["liver"] <= 1.0
+    assert result.meta["choice"] in result.meta["leave_one_out"]
+
+
+def test_a_slice_named_as_annotated_but_empty_keeps_the_organ_out(phantom):
+    image, truth = phantom
+    assert not (truth.data[4] == LIVER).any()  # the liver starts lower down in this phantom
+    annotations = painted(truth, [10, 14])
+    result = mv.prompt(image, annotations=annotations, annotated_slices=[4, 10, 14], device="cpu")
+    assert result.meta["annotated_slices"] == [4, 10, 14]
+    assert not (result.data[4] != 0).any()
+
+
+def test_prompt_from_an_example_scan_beats_affine_registration(phantom):
+    image, truth = phantom
+    example = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)
+    result = mv.prompt(image, examples=[example], labels=["liver", "spleen"], device="cpu")
+
+    assert result.labels == {LIVER: "liver", SPLEEN: "spleen"}
+    registered = affine_registration(image, *example).data
+    ours, baseline = dice(result.data, truth.data, LIVER), dice(registered, truth.data, LIVER)
+    assert ours > 0.8 and ours > baseline, (ours, baseline)
+    assert result.meta["expected_dice"] == {"liver": None, "spleen": None}  # one example: nothing to hold out
+
+
+def test_two_examples_give_a_leave_one_out_estimate():
+    shape, spacing = (12, 40, 40), (12.0, 6.4, 6.4)
+    target, truth = ct_abdomen(seed=1, shape=shape, spacing=spacing)
+    examples = [ct_abdomen(seed=s, shape=shape, spacing=spacing) for s in (2, 3)]
+    result = mv.prompt(target, examples=examples, labels=["liver"], device="cpu")
+    estimate = result.meta["expected_dice"]["liver"]
+    assert 0.5 < estimate <= 1.0
+    assert abs(estimate - dice(result.data, truth.data, LIVER)) < 0.25  # the estimate is about right
+
+
+def test_one_drive_photo_as_example_finds_the_vessels_of_another(data_dir):
+    drive = data_dir / "fundus_drive_train"
+
+    def half(i):  # half resolution keeps the test at a few seconds on a 2-core CPU
+        image, vessels = mv.load(drive / f"images/{i}_training.tif"), mv.load(drive / f"1st_manual/{i}_manual1.gif")
+        image = mv.Volume(np.asarray(image.data)[::2, ::2], spacing=(2, 2), rgb=True, modality="fundus")
+        return image, mv.Volume((np.asarray(vessels.data)[::2, ::2] > 0).astype(np.uint8), (2, 2), labels={1: "vessel"})
+
+    target, truth = half(21)
+    example = half(22)
+    result = mv.prompt(target, examples=[example], device="cpu")
+    assert result.data.shape == truth.data.shape and not result.rgb and result.labels == {1: "vessel"}
+    ours, registered = dice(result.data, truth.data, 1), dice(affine_registration(target, *example).data, truth.data, 1)
+    assert ours > 0.7 and ours > registered + 0.3, (ours, registered)
+
+
+def test_slice_copy_copies_the_nearest_annotated_slice():
+    data = np.zeros((6, 3, 3), dtype=np.uint8)
+    data[1, 0, 0], data[4, 2, 2] = 1, 2
+    copied = slice_copy(mv.Volume(data, spacing=(1, 1, 1), labels={1: "a", 2: "b"})).data
+    assert [int(copied[z].max()) for z in range(6)] == [1, 1, 1, 2, 2, 2]
+    assert copied[0, 0, 0] == 1 and copied[5, 2, 2] == 2
+
+
+def test_affine_registration_of_a_scan_onto_itself_returns_its_mask(phantom):
+    image, truth = phantom
+    moved = affine_registration(image, image, truth)
+    assert dice(moved.data, truth.data, LIVER) > 0.95
+
+
+def test_bad_prompts_are_refused_with_a_reason(phantom):
+    image, truth = phantom
+    with pytest.raises(ValueError, match="no annotated slice"):
+        mv.prompt(image, annotations=truth.with_data(np.zeros_like(truth.data)))
+    with pytest.raises(ValueError, match="differ"):
+        mv.prompt(image, examples=[(image, truth.with_data(truth.data[:, :32]))])
+    with pytest.raises(ValueError, match="either annotations"):
+        mv.prompt(image)
+    with pytest.raises(ValueError, match="none of the labels"):
+        mv.prompt(image, annotations=painted(truth, [12]), labels=["pancreas"])
+
+
+def test_cancel_stops_and_progress_only_goes_up(phantom):
+    image, truth = phantom
+    token = CancelToken()
+    token.cancel()
+    with pytest.raises(Cancelled):
+        mv.prompt(image, annotations=painted(truth, [10, 14]), cancel=token, device="cpu")
+
+    seen = []
+    mv.prompt(image, annotations=painted(truth, [10, 14]), device="cpu",
+              progress=lambda done, total, message: seen.append((done, total)))
+    done = [d for d, _ in seen]
+    assert done == sorted(done) and seen[-1][0] == seen[-1][1] and len(seen) > 5
+
+
+def test_cli_prompt_writes_a_label_map(phantom, tmp_path):
+    from napari_medvision.cli import main
+
+    image, truth = phantom
+    mv.save(image, tmp_path / "ct.nii.gz")
+    mv.save(painted(truth, [8, 12, 16]), tmp_path / "painted.nii.gz")
+    code = main(["prompt", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "out.nii.gz"),
+                 "--annotations", str(tmp_path / "painted.nii.gz"), "--device", "cpu"])
+    assert code == 0
+    written = mv.load(tmp_path / "out.nii.gz")
+    assert dice(written.data, truth.data, LIVER) > 0.85
+    assert main(["prompt", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "x.nii.gz"),
+                 "--annotations", str(tmp_path / "ct.nii.gz")]) == 2  # an image is no annotation
