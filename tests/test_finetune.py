@@ -260,3 +260,17 @@ def test_command_line_finetune(tmp_path, capsys):
     assert "--slices takes comma-separated" in capsys.readouterr().err
     assert cli(["finetune", "tiny-ct", "--image", str(scan), "--labels", str(labels), "--id", "tiny-ct-cli"]) == 2
     assert "exists; choose a new id" in capsys.readouterr().err
+
+
+def test_a_2d_colour_photo_counts_as_one_corrected_picture():
+    from napari_medvision.synthetic import fundus_photo
+
+    from test_segment import tiny_fundus_model
+
+    tiny_fundus_model()
+    photo, vessels = fundus_photo(seed=0, size=(64, 64))
+    mask = vessels.with_data((np.asarray(vessels.data) > 0).astype(np.uint8), labels={1: "vessel"})
+    card = mv.finetune("tiny-fundus", images=[photo], labels=[mask], steps=2, device="cpu", new_id="fundus-mine")
+    data = card.training["data"]
+    assert data["training_slices"] + data["validation_slices"] == 64   # every row, background rows too
+    assert data["voxels_per_label"]["background"] + data["voxels_per_label"]["vessel"] == 64 * 64

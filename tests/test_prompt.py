@@ -153,3 +153,12 @@ def test_cli_prompt_writes_a_label_map(phantom, tmp_path):
     assert dice(written.data, truth.data, LIVER) > 0.85
     assert main(["prompt", str(tmp_path / "ct.nii.gz"), "-o", str(tmp_path / "x.nii.gz"),
                  "--annotations", str(tmp_path / "ct.nii.gz")]) == 2  # an image is no annotation
+
+
+@pytest.mark.slow
+def test_dino_features_join_the_head_when_a_backbone_is_named():
+    from napari_medvision.synthetic import fundus_photo
+
+    target, _ = fundus_photo(seed=1, size=(96, 96))
+    result = mv.prompt(target, examples=[fundus_photo(seed=2, size=(96, 96))], model="random-vits14", device="cpu")
+    assert result.data.shape == (96, 96) and result.labels == {1: "vessel"}

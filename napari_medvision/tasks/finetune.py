@@ -72,7 +72,8 @@ def finetune(
 
     images / labels: one image and its corrected label map per volume, on the same grid.
     slices: per volume, the indices along axis 0 (axial slices of a 3D scan, rows of a 2D image)
-        the user corrected; ``None`` (for all volumes or one) takes every slice holding a label.
+        the user corrected; ``None`` (for all volumes or one) takes every slice holding a label
+        (a 2D image: all of it, when it holds any label).
         Only these voxels train the model; background painted there counts as a correction too.
     steps / time_budget_s: optimiser steps at most and a wall-clock limit; without either,
         200 steps. Validation on the held-out corrected slices keeps the best weights and stops
@@ -226,7 +227,9 @@ def check_corrections(card: ModelCard, images, labels, slices) -> list[list[int]
             raise ValueError(f"{lname}: holds label ids {unknown} that model {card.id} does not have "
                              f"(its labels: {names or sorted(known)})")
         if picked is None:
-            picked = labelled_slices(data)
+            # a 2D label map is one corrected picture (its unlabelled rows are background too);
+            # in a 3D one only the slices holding a label were looked at
+            picked = (range(shape[0]) if data.any() else []) if image.ndim == 2 else labelled_slices(data)
         picked = sorted({int(s) for s in picked})
         bad = [s for s in picked if not 0 <= s < shape[0]]
         if bad:
@@ -366,7 +369,11 @@ def correction_sampler(data: Corrections, patch: tuple[int, ...], card: ModelCar
 
 
 def validation_dice(data: Corrections, card: ModelCard, device: str):
-    """``score(network)``: mean Dice over the classes present in the held-out corrected slices."""
+    """``score(network)``: mean Dice over the classes present in the held-out corrected slices.
+
+    Where those slices hold background only (the user erased false detections), the score is the
+    share of their voxels left as background.
+    """
     import torch
 
     from ..engine.inference import sliding_window
@@ -379,11 +386,14 @@ def validation_dice(data: Corrections, card: ModelCard, device: str):
         inter: dict[int, int] = {}
         total: dict[int, int] = {}
         present: set[int] = set()
+        false_foreground = voxels = 0
         for i in held:
             probs = sliding_window(network, torch.from_numpy(data.images[i]), roi, overlap=0.25, batch_size=4,
                                    device=device, out_device="cpu")
             pred = probs.float().argmax(0).numpy()[data.val[i]]
             truth = data.labels[i][data.val[i]]
+            false_foreground += int(((pred > 0) & (truth == 0)).sum())
+            voxels += truth.size
             for c in np.union1d(np.unique(pred), np.unique(truth)):
                 if c == 0:
                     continue
@@ -392,8 +402,8 @@ def validation_dice(data: Corrections, card: ModelCard, device: str):
                 total[c] = total.get(c, 0) + int(p.sum() + t.sum())
                 if t.any():
                     present.add(int(c))
-        if not present:
-            return float("nan")
+        if not present:  # the held-out corrections only erase: score how little foreground is left
+            return 1.0 - false_foreground / max(voxels, 1)
         return float(np.mean([2 * inter[c] / total[c] for c in present]))
 
     return score
