@@ -97,10 +97,16 @@ class Setup:
 
         self.args = args
         self.device = args.device
-        self.network, config = build_network(args.preset, args.classes)
+        if args.model:
+            from napari_medvision.models.registry import load_model
+
+            self.network, self.card = load_model(args.model, device="cpu")
+            self.roi = tuple(self.card.input["patch_size"])
+        else:
+            self.network, config = build_network(args.preset, args.classes)
+            self.card = make_card(config, args.spacing, args.classes)
+            self.roi = tuple(config["img_size"])
         self.monai_network = copy.deepcopy(self.network)  # our engine changes the memory format
-        self.card = make_card(config, args.spacing, args.classes)
-        self.roi = tuple(config["img_size"])
         self.ct = make_ct(args.slices, args.size)
         self.image = prepare_image(self.ct, self.card.input, self.device)
 
@@ -178,6 +184,8 @@ def main() -> None:
     parser.add_argument("--preset", default=None, help="transunet3d preset (default: base on a GPU, tiny on a CPU)")
     parser.add_argument("--classes", type=int, default=14)
     parser.add_argument("--spacing", default="1.5,1.5,1.5", help="model spacing in mm, z,y,x")
+    parser.add_argument("--model", default=None,
+                        help="a shipped or user model id (e.g. ct-abdomen-organs-3d): benchmark it with its card")
     parser.add_argument("--monai-batches", default=None,
                         help="MONAI batch sizes to sweep (default 1,2,4,8 on a GPU; 1,2,4 on a CPU)")
     args = parser.parse_args()
@@ -187,14 +195,18 @@ def main() -> None:
 
     args.device = resolve_device(args.device)
     args.preset = args.preset or ("base" if args.device.startswith("cuda") else "tiny")
+    if args.model:
+        args.preset = "from card"
     args.spacing = [float(s) for s in str(args.spacing).split(",")]
     gpu = args.device.startswith("cuda")
     setup = Setup(args)
+    if args.model:
+        args.classes = int(setup.card.architecture["config"]["n_classes"])
     context = {"benchmark": "segment", "device": args.device,
                "device_name": torch.cuda.get_device_name() if gpu else (platform.processor() or platform.machine()),
                "date": date.today().isoformat(), "torch": torch.__version__, "preset": args.preset,
                "input_shape": [args.slices, args.size, args.size], "model_grid": list(setup.image.shape[1:]),
-               "roi": list(setup.roi), "overlap": args.overlap, "classes": args.classes}
+               "roi": list(setup.roi), "overlap": args.overlap, "classes": args.classes, "model": args.model}
 
     def emit(record: dict, peak: dict) -> None:
         record.update(peak)
