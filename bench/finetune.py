@@ -1,14 +1,17 @@
-"""Fine-tuning benchmark: time to a +0.10 Dice gain from a few corrected slices of a real CT.
+"""Fine-tuning benchmark: time to a +0.10 Dice gain from corrections on part of a real scan.
 
-Starts from the shipped ``ct-abdomen-organs-3d`` model, gives ``mv.finetune`` the reference
-labels of a few axial slices of the real TotalSegmentator example CT (the held-out slab the
-model never trained on; labels mapped as in ``recipes/ct_organs.real_ct``), and records after
-every validation the seconds spent and the Dice on the validation split of those slices. Then
-segments the CT with the parent and the new model and measures Dice on slices given to neither.
-Prints one JSON line per measurement with the device and date.
+``--scenario oct`` (default): the shipped ``oct-retinal-layers-2d`` model, corrections = the
+reference layers over the left 40 % of the real held-out B-scan ``exampleOCTimage0002.tif``;
+unseen = its right 40 %. ``--scenario ct``: the shipped ``ct-abdomen-organs-3d`` model,
+corrections = the mapped reference labels of axial slices 20, 23, 26, 29 of the real
+TotalSegmentator example CT (the slab the model never trained on); unseen = slices 21-28 between.
 
-    python bench/finetune.py --device cuda --steps 400          # the GPU machine
-    python bench/finetune.py --device cpu --steps 60 --threads 2  # a CPU check
+Records after every validation the seconds spent and the Dice on the validation split of the
+corrections (time to +0.10), then the Dice on the unseen part with the parent and the new
+model. Prints one JSON line per measurement with the device and date.
+
+    python bench/finetune.py --device cuda --steps 400 --scenario ct   # the GPU machine
+    python bench/finetune.py --device cpu --steps 40 --threads 1       # a CPU check
 """
 
 from __future__ import annotations
@@ -29,18 +32,40 @@ import numpy as np  # noqa: E402
 
 CORRECTED = [20, 23, 26, 29]
 UNSEEN = [21, 22, 24, 25, 27, 28]
+DATA = Path(os.environ.get("MEDVISION_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
 
-def mean_dice(prediction: np.ndarray, truth: np.ndarray, slices: list[int]) -> float:
-    """Mean Dice over the structures present in ``truth[slices]`` (pooled over those slices)."""
-    p, t = prediction[slices], truth[slices]
+def mean_dice(prediction: np.ndarray, truth: np.ndarray) -> float:
+    """Mean Dice over the structures present in ``truth``."""
+    p, t = np.asarray(prediction), np.asarray(truth)
     scores = [2 * ((p == c) & (t == c)).sum() / ((p == c).sum() + (t == c).sum()) for c in np.unique(t) if c]
     return float(np.mean(scores))
 
 
+def ct_scenario(labels):
+    """(corrected image, corrected labels, slices, unseen image, unseen truth) on the real CT."""
+    from napari_medvision.recipes.ct_organs import real_ct
+
+    image, truth = real_ct()
+    return image, image.with_data(truth.astype(np.uint8), labels=labels), [CORRECTED], image, truth, UNSEEN
+
+
+def oct_scenario(labels):
+    """The same for the real held-out OCT B-scan: left 40 % corrected, right 40 % unseen."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    from test_finetune_scenario import real_bscan_with_layers
+
+    scan, layers = real_bscan_with_layers(DATA)
+    width = scan.data.shape[1]
+    left, right = slice(0, int(0.4 * width)), slice(int(0.6 * width), width)
+    part = scan.with_data(np.ascontiguousarray(np.asarray(scan.data)[:, left]))
+    unseen = scan.with_data(np.ascontiguousarray(np.asarray(scan.data)[:, right]))
+    return part, part.with_data(layers[:, left], labels=labels), None, unseen, layers[:, right], None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", default="ct-abdomen-organs-3d")
+    parser.add_argument("--scenario", choices=("oct", "ct"), default="oct")
     parser.add_argument("--device", default=None)
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--time-budget", type=float, default=None)
@@ -52,23 +77,28 @@ def main(argv: list[str] | None = None) -> int:
 
     import napari_medvision as mv
     from napari_medvision.engine.device import resolve_device
-    from napari_medvision.recipes.ct_organs import real_ct
-
     if args.threads:
         torch.set_num_threads(args.threads)
     device = resolve_device(args.device)
     os.environ.setdefault("MEDVISION_HOME", tempfile.mkdtemp(prefix="medvision-bench-"))
-    image, truth = real_ct()
-    corrected = image.with_data(truth.astype(np.uint8), labels=dict(mv.models.get_card(args.model).labels or {}))
+    model = {"oct": "oct-retinal-layers-2d", "ct": "ct-abdomen-organs-3d"}[args.scenario]
+    labels = dict(mv.models.get_card(model).labels or {})
+    image, corrected, slices, unseen, truth, unseen_slices = (oct_scenario if args.scenario == "oct"
+                                                              else ct_scenario)(labels)
+    if unseen_slices is not None:
+        truth = truth[unseen_slices]
     where = (f"GPU {torch.cuda.get_device_name(0)}" if device.startswith("cuda")
              else f"CPU {platform.machine()}, {torch.get_num_threads()} threads")
-    common = {"date": date.today().isoformat(), "device": where, "model": args.model,
-              "corrected_slices": CORRECTED, "unseen_slices": UNSEEN}
+    common = {"date": date.today().isoformat(), "device": where, "model": model, "scenario": args.scenario}
 
-    parent = np.asarray(mv.segment(image, model=args.model, device=device).data)
+    def unseen_dice(model_id: str) -> float:
+        prediction = np.asarray(mv.segment(unseen, model=model_id, device=device).data)
+        return mean_dice(prediction if unseen_slices is None else prediction[unseen_slices], truth)
+
+    parent = unseen_dice(model)
     curve: list[dict] = []
     start = time.perf_counter()
-    card = mv.finetune(args.model, images=[image], labels=[corrected], slices=[CORRECTED], steps=args.steps,
+    card = mv.finetune(model, images=[image], labels=[corrected], slices=slices, steps=args.steps,
                        time_budget_s=args.time_budget, device=device, freeze_encoder=args.freeze_encoder,
                        validate_every=max(5, args.steps // 12), patience=None, on_validation=curve.append,
                        new_id=f"bench-ft-{int(time.time())}")
@@ -79,10 +109,8 @@ def main(argv: list[str] | None = None) -> int:
                       "seconds": None if reached is None else reached["seconds"],
                       "steps": None if reached is None else reached["step"], "dice_before": round(before, 4),
                       "curve": [(h["step"], h["seconds"], round(h["score"], 4)) for h in curve]}))
-    tuned = np.asarray(mv.segment(image, model=card.id, device=device).data)
-    print(json.dumps({**common, "measure": "Dice on unseen slices, parent -> fine-tuned",
-                      "dice_parent": round(mean_dice(parent, truth, UNSEEN), 4),
-                      "dice_finetuned": round(mean_dice(tuned, truth, UNSEEN), 4),
+    print(json.dumps({**common, "measure": "Dice on the unseen part, parent -> fine-tuned",
+                      "dice_parent": round(parent, 4), "dice_finetuned": round(unseen_dice(card.id), 4),
                       "finetune_seconds": round(seconds, 1), "steps": card.training["steps"]}))
     return 0
 
