@@ -18,7 +18,7 @@ from napari_medvision.models.transunet import PRESETS_2D  # noqa: E402
 from napari_medvision.tasks.finetune import (check_corrections, correction_sampler, prepare_corrections,  # noqa: E402
                                              split_slices)
 
-from test_segment import small_ct, tiny_ct_model  # noqa: E402
+from test_segment import tiny_ct_model  # noqa: E402
 
 KNOWN = {1: "liver", 2: "spleen"}
 
@@ -63,8 +63,8 @@ def test_finetune_saves_a_new_model_apart_with_its_card(tmp_path, monkeypatch):
     parent = tiny_ct_model()
     parent_bytes = parent.weights_path.read_bytes()
     image, corrected = corrected_ct()
-    card = mv.finetune("tiny-ct", images=[image], labels=[corrected], slices=[[4, 8, 12, 16]], steps=6,
-                       device="cpu", new_id="tiny-ct-mine", validate_every=3)
+    mv.finetune("tiny-ct", images=[image], labels=[corrected], slices=[[4, 8, 12, 16]], steps=6,
+                device="cpu", new_id="tiny-ct-mine", validate_every=3)
 
     folder = mv.models.user_dir()
     saved = json.loads((folder / "tiny-ct-mine.json").read_text())

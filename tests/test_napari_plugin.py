@@ -218,7 +218,13 @@ def plugin_viewer(make_napari_viewer):
     pm = PluginManager.instance()
     pm.discover()
     if "napari-medvision" not in {m.name for m in pm.iter_manifests()}:
-        pm.register(PluginManifest.from_file(REPO / "napari.yaml"))
+        try:
+            pm.register(PluginManifest.from_file(REPO / "napari.yaml"))
+        except Exception:
+            # An earlier viewer in this session already gave napari our commands; the manifest
+            # itself is registered all the same.
+            if "napari-medvision" not in {m.name for m in pm.iter_manifests()}:
+                raise
     return make_napari_viewer(show=True)
 
 

@@ -47,7 +47,7 @@ def test_tampered_weights_are_refused(tmp_path):
 
 
 def test_checkpoint_by_path_needs_its_card(tmp_path):
-    card = models.save_model(ARCHITECTURES["test_conv"]({"n_classes": 3}), make_card("by-path"), folder=tmp_path)
+    models.save_model(ARCHITECTURES["test_conv"]({"n_classes": 3}), make_card("by-path"), folder=tmp_path)
     net, loaded = models.load_model(tmp_path / "by-path.safetensors")
     assert loaded.id == "by-path" and loaded.source == "path"
     (tmp_path / "by-path.json").unlink()

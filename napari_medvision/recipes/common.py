@@ -46,6 +46,29 @@ def architecture_preset(dims: int, preset: str) -> dict:
     return dict(presets["small"], features=[8, 16, 32, 64], vit_dim=64, vit_depth=2)
 
 
+def prepare_run(args) -> str:
+    """Apply ``--threads`` and return the device to train on (``--device`` or the best available)."""
+    import torch
+
+    from ..engine.device import resolve_device
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    return resolve_device(args.device)
+
+
+def new_network(dims: int, preset: str, in_channels: int, n_classes: int, seed: int):
+    """A freshly initialised (seeded) TransUNet of ``dims`` dimensions and its card architecture entry."""
+    import torch
+
+    from ..models.registry import build_model
+
+    config = dict(architecture_preset(dims, preset), in_channels=in_channels, n_classes=n_classes)
+    architecture = {"name": f"transunet{dims}d", "config": config}
+    torch.manual_seed(seed)
+    return build_model(architecture), architecture
+
+
 def device_summary(device: str) -> str:
     import torch
 

@@ -20,7 +20,7 @@ from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
 from ..synthetic.ct import LABELS
-from .common import architecture_preset, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "ct-abdomen-organs-3d"
 SPACING = (3.0, 3.0, 3.0)
@@ -97,17 +97,12 @@ def mean_dice(prediction, truth) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
-    from ..engine.device import resolve_device
-    from ..models.registry import build_model
 
     parser = recipe_arguments(__doc__.splitlines()[0], steps=1500, batch_size=2, preset="cpu")
     parser.add_argument("--phantoms", type=int, default=16, help="synthetic training volumes")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = prepare_run(args)
 
     image, real_labels = real_ct()
     if tuple(image.spacing) != SPACING:
@@ -121,10 +116,8 @@ def main(argv: list[str] | None = None) -> int:
     held_out_image = real[:, REAL_HELD_OUT]
     held_out_labels = real_labels[REAL_HELD_OUT]
 
-    config = dict(architecture_preset(3, args.preset), in_channels=1, n_classes=len(LABELS) + 1)
-    architecture = {"name": "transunet3d", "config": config}
-    torch.manual_seed(args.seed)
-    network = build_model(architecture)
+    network, architecture = new_network(3, args.preset, in_channels=1, n_classes=len(LABELS) + 1,
+                                        seed=args.seed)
 
     def validate(net) -> float:
         real_scores = mean_dice(predict(net, held_out_image, device), held_out_labels)

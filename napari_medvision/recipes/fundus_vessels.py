@@ -17,7 +17,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, train_segmentation
 from ..models.card import ModelCard
-from .common import architecture_preset, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "fundus-vessels-2d"
 TRAIN_IDS = list(range(21, 36))
@@ -58,27 +58,20 @@ def vessel_probability(network, image: np.ndarray, device: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
-    from ..engine.device import resolve_device
-    from ..models.registry import build_model
 
     parser = recipe_arguments(__doc__.splitlines()[0], steps=3000, batch_size=8, preset="cpu")
     parser.add_argument("--synthetic", type=int, default=6, help="synthetic photos added to training")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = prepare_run(args)
     root = data_dir() / "fundus_drive_train"
     train_images, train_vessels, _ = load_drive(root, TRAIN_IDS)
     val_images, val_vessels, val_fovs = load_drive(root, HELD_OUT_IDS)
     syn_images, syn_vessels = synthetic_fundus(args.synthetic, seed=1000) if args.synthetic else ([], [])
     sampler = PatchSampler(train_images + syn_images, train_vessels + syn_vessels, PATCH, foreground_fraction=0.5)
 
-    config = dict(architecture_preset(2, args.preset), in_channels=3, n_classes=2)
-    architecture = {"name": "transunet2d", "config": config}
-    torch.manual_seed(args.seed)
-    network = build_model(architecture)
+    network, architecture = new_network(2, args.preset, in_channels=3, n_classes=2,
+                                        seed=args.seed)
 
     def validate(net) -> float:
         dices = [binary_metrics(vessel_probability(net, im, device), v, f)["dice"]

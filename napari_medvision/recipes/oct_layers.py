@@ -20,7 +20,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
-from .common import architecture_preset, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "oct-retinal-layers-2d"
 PATCH = (256, 256)        # inference window
@@ -87,17 +87,12 @@ def layer_dice(prediction, truth) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
-    from ..engine.device import resolve_device
-    from ..models.registry import build_model
 
     parser = recipe_arguments(__doc__.splitlines()[0], steps=2000, batch_size=8, preset="cpu")
     parser.add_argument("--phantoms", type=int, default=24, help="synthetic OCT volumes (2 B-scans each)")
     args = parser.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    device = resolve_device(args.device)
+    device = prepare_run(args)
 
     train_image, train_labels = real_bscan("exampleOCTimage0001.tif")
     held_image, held_labels = real_bscan("exampleOCTimage0002.tif")
@@ -107,10 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     sampler = PatchSampler(syn_images + [train_image] * 4, syn_labels + [train_labels] * 4, TRAIN_PATCH,
                            foreground_fraction=0.8, flip_axes=(1,))
 
-    config = dict(architecture_preset(2, args.preset), in_channels=1, n_classes=len(LABELS) + 1)
-    architecture = {"name": "transunet2d", "config": config}
-    torch.manual_seed(args.seed)
-    network = build_model(architecture)
+    network, architecture = new_network(2, args.preset, in_channels=1, n_classes=len(LABELS) + 1,
+                                        seed=args.seed)
 
     def validate(net) -> float:
         scores = list(layer_dice(predict(net, held_image, device), held_labels).values())

@@ -163,7 +163,6 @@ def _anatomy(rng, coords, shape, spacing, scale):
     paint(heart, "heart")
     paint(thorax & (x < 0), "lung", "lung_right")
     paint(thorax & (x >= 0), "lung", "lung_left")
-    below_r = cavity & (z < dome_r - 5)
     below_l = cavity & (z < dome_l - 5)
 
     # Back muscles and psoas.
