@@ -39,3 +39,17 @@ def pytest_collection_finish(session):
     for key in ("QT_QPA_PLATFORM_PLUGIN_PATH", "QT_QPA_FONTDIR"):
         if "cv2" in os.environ.get(key, ""):
             del os.environ[key]
+
+
+@pytest.hookimpl(tryfirst=True, hookwrapper=True)
+def pytest_runtest_makereport(item, call):
+    """Record each phase's report on the test item (napari's viewer fixture reads ``rep_call``).
+
+    A test skipped during setup (real data absent) never reaches the call phase, so napari's
+    teardown would fail on the missing attribute; the setup report stands in for it then.
+    """
+    outcome = yield
+    report = outcome.get_result()
+    setattr(item, "rep_" + report.when, report)
+    if report.when == "setup" and not report.passed:
+        item.rep_call = report
