@@ -11,7 +11,6 @@ maps > 50 %) and unseen phantom seeds.
 
 from __future__ import annotations
 
-import json
 import sys
 
 import numpy as np
@@ -21,7 +20,7 @@ from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
 from ..synthetic.brain import LABELS
-from .common import new_network, prepare_run, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "mr-brain-tissue-3d"
 SPACING = (1.5, 1.5, 1.5)
@@ -114,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=150,
                                time_budget_s=args.time_budget, seed=args.seed)
     result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
-                                progress=_print_progress, on_validation=print)
+                                progress=print_every(25), on_validation=print)
     real, synthetic = mni_dice(network), synthetic_dice(network)
     card.training = training_summary(
         device, result, train_config,
@@ -126,13 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         "dice, synthetic phantoms seeds 1000-1001 (held out)": synthetic,
     }
     save_shipped(network, card, args.out)
-    print(json.dumps(card.metrics))
     return 0
-
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    if done % 25 == 0:
-        print(f"step {done}/{total} {message}", flush=True)
 
 
 if __name__ == "__main__":

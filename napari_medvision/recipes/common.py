@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import platform
 import time
@@ -126,6 +127,17 @@ def save_shipped(network, card, out: Path) -> None:
     card.source = "shipped-recipe"
     save_model(network, card, folder=out)
     print(f"wrote {out / (card.id + '.safetensors')} and its card")
+    print(json.dumps(card.metrics))
+
+
+def print_every(steps: int):
+    """A progress callback printing one line every ``steps`` optimiser steps (recipes run in logs)."""
+
+    def show(done: int, total: int, message: str) -> None:
+        if done % steps == 0:
+            print(f"step {done}/{total} {message}", flush=True)
+
+    return show
 
 
 class Timer:

@@ -20,7 +20,7 @@ from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
 from ..synthetic.ct import LABELS
-from .common import new_network, prepare_run, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "ct-abdomen-organs-3d"
 SPACING = (3.0, 3.0, 3.0)
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=150,
                                time_budget_s=args.time_budget, seed=args.seed)
     result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
-                                progress=_print_progress, on_validation=print)
+                                progress=print_every(25), on_validation=print)
     real_scores = mean_dice(predict(network, held_out_image, device), held_out_labels)
     syn_scores = [mean_dice(predict(network, im, device), lab) for im, lab in zip(val_images, val_labels)]
     syn_mean = {k: round(float(np.mean([s[k] for s in syn_scores if k in s])), 4) for k in syn_scores[0]}
@@ -151,13 +151,7 @@ def main(argv: list[str] | None = None) -> int:
         license="Apache-2.0 (TotalSegmentator example data Apache-2.0)",
     )
     save_shipped(network, card, args.out)
-    print(json.dumps(card.metrics))
     return 0
-
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    if done % 25 == 0:
-        print(f"step {done}/{total} {message}", flush=True)
 
 
 if __name__ == "__main__":

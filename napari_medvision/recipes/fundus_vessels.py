@@ -17,7 +17,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, train_segmentation
 from ..models.card import ModelCard
-from .common import new_network, prepare_run, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, print_every, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "fundus-vessels-2d"
 TRAIN_IDS = list(range(21, 36))
@@ -81,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=250,
                                time_budget_s=args.time_budget, seed=args.seed)
     result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
-                                progress=_print_progress, on_validation=print)
+                                progress=print_every(50), on_validation=print)
     per_image = [binary_metrics(vessel_probability(network, im, device), v, f)
                  for im, v, f in zip(val_images, val_vessels, val_fovs)]
     metrics = {key: round(float(np.mean([m[key] for m in per_image])), 4) for key in per_image[0]}
@@ -99,13 +99,7 @@ def main(argv: list[str] | None = None) -> int:
         license="research use (DRIVE terms); code Apache-2.0",
     )
     save_shipped(network, card, args.out)
-    print(metrics)
     return 0
-
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    if done % 50 == 0:
-        print(f"step {done}/{total} {message}", flush=True)
 
 
 if __name__ == "__main__":

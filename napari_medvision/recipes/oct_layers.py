@@ -20,7 +20,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
-from .common import new_network, prepare_run, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "oct-retinal-layers-2d"
 PATCH = (256, 256)        # inference window
@@ -113,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=150,
                                time_budget_s=args.time_budget, seed=args.seed)
     result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
-                                progress=_print_progress, on_validation=print)
+                                progress=print_every(50), on_validation=print)
     real = layer_dice(predict(network, held_image, device), held_labels)
     synthetic = [layer_dice(predict(network, im, device), lab) for im, lab in zip(val_images, val_labels)]
     card = ModelCard(
@@ -136,13 +136,7 @@ def main(argv: list[str] | None = None) -> int:
         license="GPL-2.0 data (caserel) used for training; weights and code Apache-2.0",
     )
     save_shipped(network, card, args.out)
-    print(json.dumps(card.metrics))
     return 0
-
-
-def _print_progress(done: int, total: int, message: str) -> None:
-    if done % 50 == 0:
-        print(f"step {done}/{total} {message}", flush=True)
 
 
 if __name__ == "__main__":
