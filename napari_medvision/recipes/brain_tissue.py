@@ -43,11 +43,13 @@ def phantoms(seeds, template, stretch: bool = False):
         images.append(image)
         labels.append(np.asarray(label.data).astype(np.int64))
         if stretch:
-            # Spin-echo phantoms have milder T1 contrast than the gradient-echo (MPRAGE) scans most
-            # users have: a per-volume power law widens or narrows the tissue contrast so the model
-            # learns the ordering of tissues, not their exact grey values.
-            gamma = float(np.random.default_rng(seed).uniform(1.3, 2.6))
-            images.append(np.clip(image, 0, 1) ** gamma)
+            # Spin-echo phantoms put brain tissue low in the percentile range (bright scalp fat on
+            # top); in gradient-echo T1 scans and templates white matter is the brightest tissue. A
+            # per-volume gain and a gamma below one move the tissues up the range, so the model
+            # learns the order of tissues, not their place in the range.
+            rng = np.random.default_rng(seed)
+            gain, gamma = float(rng.uniform(1.4, 2.6)), float(rng.uniform(0.5, 1.0))
+            images.append(np.clip(np.clip(image, 0, None) * gain, 0, 1.2) ** gamma)
             labels.append(labels[-1])
     return images, labels
 
