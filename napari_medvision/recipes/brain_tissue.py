@@ -20,7 +20,7 @@ from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
 from ..synthetic.brain import LABELS
-from .common import new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import window_probabilities, new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "mr-brain-tissue-3d"
 SPACING = (1.5, 1.5, 1.5)
@@ -68,7 +68,6 @@ def mni_reference():
 
 
 def main(argv: list[str] | None = None) -> int:
-    import torch
 
     from ..engine.inference import predict_labels
 
@@ -95,12 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     def synthetic_dice(net) -> dict[str, float]:
-        from ..engine.inference import sliding_window
-
         scores = []
         for image, label in zip(val_images, val_labels):
-            pred = sliding_window(net, torch.from_numpy(image), roi_size=PATCH, overlap=0.25, batch_size=2,
-                                  device=device).float().argmax(0).numpy()
+            pred = window_probabilities(net, image, PATCH, device, batch_size=2).argmax(0)
             scores.append(dice_per_class(pred, label, list(LABELS)))
         return {LABELS[k]: round(float(np.nanmean([s[k] for s in scores])), 4) for k in LABELS}
 

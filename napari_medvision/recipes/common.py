@@ -70,6 +70,18 @@ def new_network(dims: int, preset: str, in_channels: int, n_classes: int, seed: 
     return build_model(architecture), architecture
 
 
+def window_probabilities(network, image: np.ndarray, roi_size, device: str, batch_size: int = 4) -> np.ndarray:
+    """Class probabilities ``(n_classes, *spatial)`` of a prepared ``(C, *spatial)`` image, by the engine's
+    sliding window at the overlap the recipes validate with."""
+    import torch
+
+    from ..engine.inference import sliding_window
+
+    probs = sliding_window(network, torch.from_numpy(image), roi_size=tuple(roi_size), overlap=0.25,
+                           batch_size=batch_size, device=device)
+    return probs.float().numpy()
+
+
 def device_summary(device: str) -> str:
     import torch
 

@@ -20,7 +20,7 @@ from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
 from ..synthetic.ct import LABELS
-from .common import new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import window_probabilities, new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "ct-abdomen-organs-3d"
 SPACING = (3.0, 3.0, 3.0)
@@ -81,13 +81,7 @@ def phantoms(seeds):
 
 
 def predict(network, image: np.ndarray, device: str) -> np.ndarray:
-    import torch
-
-    from ..engine.inference import sliding_window
-
-    probs = sliding_window(network, torch.from_numpy(image), roi_size=PATCH, overlap=0.25, batch_size=2,
-                           device=device)
-    return probs.float().argmax(0).numpy()
+    return window_probabilities(network, image, PATCH, device, batch_size=2).argmax(0)
 
 
 def mean_dice(prediction, truth) -> dict[str, float]:

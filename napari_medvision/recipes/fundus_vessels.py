@@ -17,7 +17,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, train_segmentation
 from ..models.card import ModelCard
-from .common import new_network, prepare_run, print_every, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import window_probabilities, new_network, prepare_run, print_every, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "fundus-vessels-2d"
 TRAIN_IDS = list(range(21, 36))
@@ -49,12 +49,7 @@ def synthetic_fundus(n: int, seed: int):
 
 
 def vessel_probability(network, image: np.ndarray, device: str) -> np.ndarray:
-    from ..engine.inference import sliding_window
-    import torch
-
-    probs = sliding_window(network, torch.from_numpy(image), roi_size=(256, 256), overlap=0.25,
-                           batch_size=4, device=device)
-    return probs[1].float().numpy()
+    return window_probabilities(network, image, (256, 256), device)[1]
 
 
 def main(argv: list[str] | None = None) -> int:

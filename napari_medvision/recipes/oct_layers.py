@@ -20,7 +20,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
-from .common import new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import window_probabilities, new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "oct-retinal-layers-2d"
 PATCH = (256, 256)        # inference window
@@ -73,13 +73,7 @@ def synthetic_bscans(seeds, rows_choices=(256, 384, 512)):
 
 
 def predict(network, image: np.ndarray, device: str) -> np.ndarray:
-    import torch
-
-    from ..engine.inference import sliding_window
-
-    probs = sliding_window(network, torch.from_numpy(image), roi_size=PATCH, overlap=0.25, batch_size=4,
-                           device=device)
-    return probs.float().argmax(0).numpy()
+    return window_probabilities(network, image, PATCH, device).argmax(0)
 
 
 def layer_dice(prediction, truth) -> dict[str, float]:

@@ -22,6 +22,7 @@ from ... import models
 from ...tasks.finetune import finetune
 from ...tasks.segment import segment
 from ..layers import volume_to_layer
+from ._layer_choice import chosen_layer, refill
 from ._task_runner import TaskRunner
 from .segment import devices, image_volume
 
@@ -165,19 +166,11 @@ class FinetuneWidget(QWidget):
 
     # --- layers, models and the painted slices ----------------------------------------------------
     def _layer(self, box: QComboBox):
-        name = box.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return chosen_layer(self.viewer, box)
 
     def _refresh_layers(self, *_: Any) -> None:
         for box, kind in ((self.image_box, Image), (self.labels_box, Labels)):
-            current = box.currentText()
-            box.blockSignals(True)
-            box.clear()
-            names = [layer.name for layer in self.viewer.layers if isinstance(layer, kind)]
-            box.addItems(names)
-            if current in names:
-                box.setCurrentText(current)
-            box.blockSignals(False)
+            refill(box, [layer.name for layer in self.viewer.layers if isinstance(layer, kind)])
         self._track_labels()
 
     def _refresh_models(self) -> None:

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 from ... import models
 from ...tasks.prompt import prompt
 from ..layers import layer_to_volume, volume_to_layer
+from ._layer_choice import refill
 from ._task_runner import TaskRunner
 from .segment import devices, image_volume
 
@@ -142,13 +143,7 @@ class PromptWidget(QWidget):
                   if isinstance(layer, Labels) and layer is not self._result]
         for box, names in ((self.image_box, images), (self.annotations_box, labels),
                            (self.example_image_box, images), (self.example_labels_box, labels)):
-            current = box.currentText()
-            box.blockSignals(True)
-            box.clear()
-            box.addItems(names)
-            if current in names:
-                box.setCurrentText(current)
-            box.blockSignals(False)
+            refill(box, names)
         self._watch_annotations()
         if self._result is not None and self._result not in self.viewer.layers:
             self._result = None

@@ -11,6 +11,7 @@ from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QVBoxLayout, 
 from ... import models
 from ...tasks.segment import segment
 from ..layers import METADATA_KEY, layer_to_volume, volume_to_layer
+from ._layer_choice import chosen_layer, refill
 from ._task_runner import TaskRunner
 
 
@@ -62,18 +63,10 @@ class SegmentWidget(QWidget):
         self._refresh_layers()
 
     def selected_layer(self) -> Image | None:
-        name = self.layer_box.currentText()
-        return self.viewer.layers[name] if name in self.viewer.layers else None
+        return chosen_layer(self.viewer, self.layer_box)
 
     def _refresh_layers(self, *_: Any) -> None:
-        current = self.layer_box.currentText()
-        self.layer_box.blockSignals(True)
-        self.layer_box.clear()
-        names = [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
-        self.layer_box.addItems(names)
-        if current in names:
-            self.layer_box.setCurrentText(current)
-        self.layer_box.blockSignals(False)
+        refill(self.layer_box, [layer.name for layer in self.viewer.layers if isinstance(layer, Image)])
         self._refresh_models()
 
     def _refresh_models(self, *_: Any) -> None:
