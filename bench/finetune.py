@@ -8,10 +8,13 @@ TotalSegmentator example CT (the slab the model never trained on); unseen = slic
 
 Records after every validation the seconds spent and the Dice on the validation split of the
 corrections (time to +0.10), then the Dice on the unseen part with the parent and the new
-model. Prints one JSON line per measurement with the device and date.
+model. On OCT also the forgetting: the Dice on the other real B-scan (``exampleOCTimage0001.tif``,
+which the parent trained on) and on the parent's synthetic validation B-scans (seeds 1000-1001).
+``--anchor 0,0.01,0.1`` runs once per L2-SP strength (the parent is scored once). Prints one
+JSON line per measurement with the device and date.
 
     python bench/finetune.py --device cuda --steps 400 --scenario ct   # the GPU machine
-    python bench/finetune.py --device cpu --steps 40 --threads 1       # a CPU check
+    python bench/finetune.py --device cpu --steps 30 --threads 1 --anchor 0,0.1   # a CPU check
 """
 
 from __future__ import annotations
@@ -63,6 +66,19 @@ def oct_scenario(labels):
     return part, part.with_data(layers[:, left], labels=labels), None, unseen, layers[:, right], None
 
 
+def oct_other_data():
+    """(images, truths) the parent knows: the other real B-scan and two synthetic validation B-scans."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import napari_medvision as mv
+    from napari_medvision.recipes.oct_layers import synthetic_bscans
+    from test_finetune_scenario import real_bscan_with_layers
+
+    known = real_bscan_with_layers(DATA, "exampleOCTimage0001.tif")
+    phantoms, truths = synthetic_bscans(range(1000, 1002))
+    phantoms = [mv.Volume((im[0] * 255).astype(np.float32), spacing=(1, 1), modality="OCT") for im in phantoms]
+    return {"other real B-scan": ([known[0]], [known[1]]), "synthetic B-scans": (phantoms, list(truths))}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--scenario", choices=("oct", "ct"), default="oct")
@@ -71,6 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--time-budget", type=float, default=None)
     parser.add_argument("--threads", type=int, default=None, help="CPU threads for torch")
     parser.add_argument("--freeze-encoder", action="store_true")
+    parser.add_argument("--anchor", default=None,
+                        help="L2-SP strength(s), comma-separated (default: mv.finetune's default)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--lr", type=float, default=None, help="peak learning rate (default: mv.finetune's)")
     args = parser.parse_args(argv)
 
     import torch
@@ -95,23 +115,40 @@ def main(argv: list[str] | None = None) -> int:
         prediction = np.asarray(mv.segment(unseen, model=model_id, device=device).data)
         return mean_dice(prediction if unseen_slices is None else prediction[unseen_slices], truth)
 
-    parent = unseen_dice(model)
-    curve: list[dict] = []
-    start = time.perf_counter()
-    card = mv.finetune(model, images=[image], labels=[corrected], slices=slices, steps=args.steps,
-                       time_budget_s=args.time_budget, device=device, freeze_encoder=args.freeze_encoder,
-                       validate_every=max(5, args.steps // 12), patience=None, on_validation=curve.append,
-                       new_id=f"bench-ft-{int(time.time())}")
-    seconds = time.perf_counter() - start
-    before = list(card.metrics.values())[0]["before fine-tuning"]
-    reached = next((h for h in curve if h["score"] >= before + 0.10), None)
-    print(json.dumps({**common, "measure": "time to +0.10 Dice (validation split of the corrected slices)",
-                      "seconds": None if reached is None else reached["seconds"],
-                      "steps": None if reached is None else reached["step"], "dice_before": round(before, 4),
-                      "curve": [(h["step"], h["seconds"], round(h["score"], 4)) for h in curve]}))
-    print(json.dumps({**common, "measure": "Dice on the unseen part, parent -> fine-tuned",
-                      "dice_parent": round(parent, 4), "dice_finetuned": round(unseen_dice(card.id), 4),
-                      "finetune_seconds": round(seconds, 1), "steps": card.training["steps"]}))
+    other = oct_other_data() if args.scenario == "oct" else {}
+
+    def forgetting(model_id: str) -> dict:
+        return {name: round(float(np.mean([mean_dice(np.asarray(mv.segment(im, model=model_id, device=device).data),
+                                                         t) for im, t in zip(ims, truths)])), 4)
+                for name, (ims, truths) in other.items()}
+
+    parent, parent_other = unseen_dice(model), forgetting(model)
+    anchors = [None] if args.anchor is None else [float(a) for a in args.anchor.split(",")]
+    for i, anchor in enumerate(anchors):
+        options = {} if anchor is None else {"anchor": anchor}
+        if args.lr is not None:
+            options["learning_rate"] = args.lr
+        curve: list[dict] = []
+        start = time.perf_counter()
+        card = mv.finetune(model, images=[image], labels=[corrected], slices=slices, steps=args.steps,
+                           time_budget_s=args.time_budget, device=device, freeze_encoder=args.freeze_encoder,
+                           validate_every=max(5, args.steps // 12), patience=None, on_validation=curve.append,
+                           seed=args.seed, new_id=f"bench-ft-{int(time.time())}-{i}", **options)
+        seconds = time.perf_counter() - start
+        run = {**common, "seed": args.seed, "anchor": card.training["anchor"],
+               "learning_rate": card.training["learning_rate"]}
+        before = list(card.metrics.values())[0]["before fine-tuning"]
+        reached = next((h for h in curve if h["score"] >= before + 0.10), None)
+        print(json.dumps({**run, "measure": "time to +0.10 Dice (validation split of the corrected slices)",
+                          "seconds": None if reached is None else reached["seconds"],
+                          "steps": None if reached is None else reached["step"], "dice_before": round(before, 4),
+                          "curve": [(h["step"], h["seconds"], round(h["score"], 4)) for h in curve]}))
+        print(json.dumps({**run, "measure": "Dice on the unseen part, parent -> fine-tuned",
+                          "dice_parent": round(parent, 4), "dice_finetuned": round(unseen_dice(card.id), 4),
+                          "finetune_seconds": round(seconds, 1), "steps": card.training["steps"]}), flush=True)
+        if other:
+            print(json.dumps({**run, "measure": "forgetting: Dice on data the parent knew, parent -> fine-tuned",
+                              "dice_parent": parent_other, "dice_finetuned": forgetting(card.id)}), flush=True)
     return 0
 
 

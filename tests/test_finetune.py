@@ -15,8 +15,8 @@ from napari_medvision.cli import main as cli  # noqa: E402
 from napari_medvision.engine.progress import CancelToken, Cancelled  # noqa: E402
 from napari_medvision.models.card import CardError, ModelCard  # noqa: E402
 from napari_medvision.models.transunet import PRESETS_2D  # noqa: E402
-from napari_medvision.tasks.finetune import (check_corrections, correction_sampler, prepare_corrections,  # noqa: E402
-                                             split_slices)
+from napari_medvision.tasks.finetune import (ANCHOR, check_corrections, correction_sampler,  # noqa: E402
+                                             prepare_corrections, split_slices)
 
 from test_segment import tiny_ct_model  # noqa: E402
 
@@ -73,6 +73,7 @@ def test_finetune_saves_a_new_model_apart_with_its_card(tmp_path, monkeypatch):
     data = saved["training"]["data"]
     assert data["volumes"][0]["corrected_slices"] == [4, 8, 12, 16]
     assert data["training_slices"] == 3 and data["validation_slices"] == 1
+    assert saved["training"]["anchor"] == ANCHOR                  # weights held toward the parent's by default
     assert saved["training"]["steps"] == 6 and [h["step"] for h in saved["training"]["validation_curve"]] == [3, 6]
     assert list(saved["metrics"].values())[0].keys() == {"before fine-tuning", "after fine-tuning"}
     assert list(shipped.iterdir()) == []                          # nothing went to the shipped folder
@@ -250,12 +251,13 @@ def test_command_line_finetune(tmp_path, capsys):
     scan = mv.save(image, tmp_path / "ct.nii.gz")
     labels = mv.save(corrected, tmp_path / "corrected.nii.gz")
     assert cli(["finetune", "tiny-ct", "--image", str(scan), "--labels", str(labels), "--slices", "3,7,12",
-                "--steps", "3", "--device", "cpu", "--id", "tiny-ct-cli"]) == 0
+                "--steps", "3", "--device", "cpu", "--id", "tiny-ct-cli", "--anchor", "0.5"]) == 0
     out = capsys.readouterr().out
     assert "saved model tiny-ct-cli" in out
     card = mv.models.get_card("tiny-ct-cli")
     assert card.training["data"]["volumes"][0]["corrected_slices"] == [3, 7, 12]
     assert card.training["data"]["volumes"][0]["name"] == "ct.nii.gz"
+    assert card.training["anchor"] == 0.5
     assert cli(["finetune", "tiny-ct", "--image", str(scan), "--labels", str(labels), "--slices", "3,x"]) == 2
     assert "--slices takes comma-separated" in capsys.readouterr().err
     assert cli(["finetune", "tiny-ct", "--image", str(scan), "--labels", str(labels), "--id", "tiny-ct-cli"]) == 2

@@ -93,3 +93,20 @@ def test_early_stopping_when_validation_stalls():
                                 TrainConfig(steps=500, batch_size=2, val_every=5, patience=2),
                                 validate=lambda net: 0.5)
     assert result.stopped_because == "early stopping" and result.steps_done == 15
+
+
+def test_anchor_keeps_the_weights_near_where_training_started():
+    """L2-SP (``anchor``): fine-tuning with a strong anchor moves the weights far less from the parent's."""
+    images, labels = disc_images()
+    sampler = PatchSampler(images, labels, (32, 32), augment=False)
+    parent = [p.detach().clone() for p in small_net().parameters()]
+
+    def distance_after(anchor: float) -> float:
+        net = small_net()
+        train_segmentation(net, sampler.sample, TrainConfig(steps=20, batch_size=2, val_every=20, lr=1e-2,
+                                                            warmup_steps=2, anchor=anchor))
+        return float(sum(((p.detach() - p0) ** 2).sum() for p, p0 in zip(net.parameters(), parent)) ** 0.5)
+
+    free, anchored = distance_after(0.0), distance_after(100.0)
+    assert free > 0.05                 # training moved the weights
+    assert anchored < 0.5 * free       # the anchor held them near the parent's

@@ -25,6 +25,10 @@ class TrainConfig:
     val_every: steps between validations; patience: validations without improvement before
     stopping (None: never stop early); time_budget_s: stop after this many seconds;
     freeze_encoder: train only parameters whose name does not start with an encoder prefix;
+    anchor: L2-SP strength alpha (Li et al., ICML 2018): adds alpha/2 * ||w - w_start||^2 over the
+    trained parameters, pulling them toward the weights training started from (fine-tuning: the
+    parent's) instead of toward zero, so the model forgets less of what it knew; 0 turns it off.
+    With it, the AdamW weight decay toward zero is off (the anchor replaces it);
     seed: seeds numpy and torch so runs repeat."""
 
     steps: int = 1000
@@ -37,6 +41,7 @@ class TrainConfig:
     time_budget_s: Optional[float] = None
     freeze_encoder: bool = False
     encoder_prefixes: tuple[str, ...] = ("encoder", "stem", "vit", "transformer")
+    anchor: float = 0.0
     seed: int = 0
     amp: bool = True
 
@@ -87,7 +92,10 @@ def train_segmentation(
     if config.freeze_encoder:
         for n, p in network.named_parameters():
             p.requires_grad_(not n.startswith(config.encoder_prefixes))
-    optimiser = torch.optim.AdamW(trainable, lr=config.lr, weight_decay=config.weight_decay)
+    # the starting weights, taken before a checkpoint is resumed: the anchor is always the parent
+    start_weights = [p.detach().clone() for p in trainable] if config.anchor > 0 else None
+    optimiser = torch.optim.AdamW(trainable, lr=config.lr,
+                                  weight_decay=0.0 if start_weights else config.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False)
     masked_loss_fn = MaskedDiceCELoss()
@@ -114,8 +122,11 @@ def train_segmentation(
                 loss = masked_loss_fn(logits.float(), y, torch.from_numpy(batch[2]).to(device))
             else:
                 loss = loss_fn(logits.float(), y)
+            objective = loss
+            if start_weights:
+                objective = loss + 0.5 * config.anchor * anchor_distance(trainable, start_weights)
             optimiser.zero_grad(set_to_none=True)
-            loss.backward()
+            objective.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 12.0)
             optimiser.step()
             schedule.step()
@@ -156,6 +167,13 @@ def train_segmentation(
     network.eval()
     return TrainResult(best_state, state["best_score"], state["step"], time.perf_counter() - start,
                        state["history"], stopped)
+
+
+def anchor_distance(parameters, start_weights):
+    """||w - w_start||^2 summed over all parameters: the L2-SP penalty without its alpha/2."""
+    import torch
+
+    return torch.stack([(p - p0).pow(2).sum() for p, p0 in zip(parameters, start_weights)]).sum()
 
 
 class MaskedDiceCELoss:

@@ -31,6 +31,8 @@ from ..volume import Volume
 VAL_FRACTION = 0.2        # share of the corrected slices held out for validation (3 slices at least)
 DEFAULT_STEPS = 200
 LEARNING_RATE = 1e-3      # half the recipes' peak, with a short warm-up: a few corrections, few steps
+ANCHOR = 0.3              # L2-SP strength toward the parent's weights: on the OCT scenario it halves the
+                          # forgetting for an eighth of the gain (docs/finetuning.md, 0.01 to 3 measured)
 
 
 @dataclass
@@ -63,6 +65,7 @@ def finetune(
     new_id: Optional[str] = None,
     batch_size: Optional[int] = None,
     learning_rate: float = LEARNING_RATE,
+    anchor: float = ANCHOR,
     validate_every: Optional[int] = None,
     patience: Optional[int] = 4,
     folder: Optional[os.PathLike] = None,
@@ -78,7 +81,10 @@ def finetune(
     steps / time_budget_s: optimiser steps at most and a wall-clock limit; without either,
         200 steps. Validation on the held-out corrected slices keeps the best weights and stops
         early after ``patience`` validations without improvement.
-    freeze_encoder: train only the decoder (fewer corrections needed, less forgetting).
+    freeze_encoder: train only the decoder (faster steps; on the OCT scenario it learned less and
+        did not forget less, docs/finetuning.md).
+    anchor: L2-SP strength: pulls the weights toward the parent's (alpha/2 * ||w - w_parent||^2)
+        so the new model forgets less of what the parent did well; 0 turns it off.
     new_id: id of the new model (default ``<parent>-ft-<date-time>``); an interrupted run with the
         same id and the same data resumes from its checkpoint.
     folder: where the model goes (default the user model folder); never the shipped ``weights/``.
@@ -95,6 +101,8 @@ def finetune(
     from ..models.registry import get_card, load_model, save_model, user_dir, weights_dir
 
     started = time.perf_counter()
+    if not anchor >= 0:
+        raise ValueError(f"anchor must be 0 (off) or positive, got {anchor}")
     parent = get_card(model)
     slices = check_corrections(parent, images, labels, slices)
     device = resolve_device(device)
@@ -118,7 +126,8 @@ def finetune(
     every = validate_every or max(5, min(50, steps // 10))
     config = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=learning_rate, warmup_steps=min(10, steps),
                          val_every=every, patience=patience if data.summary["validation_slices"] else None,
-                         time_budget_s=time_budget_s, freeze_encoder=freeze_encoder, seed=seed)
+                         time_budget_s=time_budget_s, freeze_encoder=freeze_encoder, anchor=float(anchor),
+                         seed=seed)
     torch.manual_seed(seed)
     sampler = correction_sampler(data, patch, parent)
     validate = validation_dice(data, parent, device) if data.summary["validation_slices"] else None
@@ -149,7 +158,7 @@ def finetune(
         training={
             "kind": "fine-tuning", "parent": parent.id, "parent_sha256": parent.sha256, "data": data.summary,
             "steps": result.steps_done, "batch_size": config.batch_size, "patch_size": list(patch),
-            "learning_rate": config.lr, "freeze_encoder": freeze_encoder, "seed": seed,
+            "learning_rate": config.lr, "freeze_encoder": freeze_encoder, "anchor": config.anchor, "seed": seed,
             "device": _device_summary(device), "wall_time_s": round(time.perf_counter() - started, 1),
             "stopped_because": result.stopped_because, "date": datetime.now().date().isoformat(),
             "validation_curve": result.history,
