@@ -4,6 +4,7 @@
 
     vol = mv.load("scan.nii.gz")
     seg = mv.segment(vol, model="ct-abdomen-organs-3d")
+    t2 = mv.synthesize(t1, task="t1-to-t2")          # or examples=[(an_image, its_target)]
     mv.save(seg, "organs.nii.gz")
 """
 
@@ -15,7 +16,8 @@ from .volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["Volume", "load", "load_all", "save", "segment", "finetune", "models", "io", "__version__"]
+__all__ = ["Volume", "load", "load_all", "save", "segment", "synthesize", "prompt", "finetune", "models", "io",
+           "__version__"]
 
 
 def __getattr__(name: str):
@@ -28,6 +30,14 @@ def __getattr__(name: str):
         from .tasks.segment import segment
 
         return segment
+    if name == "synthesize":
+        from .tasks.synthesize import synthesize
+
+        return synthesize
+    if name == "synthesis_tasks":
+        from .tasks.synthesis_tasks import task_names
+
+        return task_names
     if name == "prompt":
         from .tasks.prompt import prompt
 

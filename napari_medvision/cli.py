@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     tune.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     tune.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    tune.add_argument("--anchor", type=float, default=None,
+                      help="L2-SP strength toward the parent's weights: less forgetting (0: off; default 0.3)")
     tune.add_argument("--seed", type=int, default=0)
     tune.add_argument("--id", dest="new_id", default=None, help="id of the new model (default <model>-ft-<time>)")
     tune.set_defaults(run=_finetune)
@@ -83,6 +85,24 @@ def _parser() -> argparse.ArgumentParser:
     pr.add_argument("--model", default=None, help="DINO backbone (model id or checkpoint) for extra features")
     pr.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     pr.set_defaults(run=_prompt)
+
+    syn = sub.add_parser("synthesize", help="generate a new image (or label map) from an example pair: "
+                         "another contrast, denoised, inpainted, segmented")
+    syn.add_argument("input", nargs="?", help="image file or folder")
+    syn.add_argument("-o", "--output", help="image to write (.nii.gz, .nrrd, .mha, .ome.zarr, .png, ...)")
+    syn.add_argument("--model", default="mvg-generalist", help="MVG model id or checkpoint (default mvg-generalist)")
+    syn.add_argument("--task", help="a named task with its own simulated example (see --list-tasks)")
+    syn.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "TARGET"),
+                     help="an image and what should become of it (the task, shown); repeat to average several")
+    syn.add_argument("--mask", help="for inpainting: a mask on the input's grid, non-zero where to fill in")
+    syn.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
+    syn.add_argument("--steps", type=int, default=1, help="1: one pass; more: generate autoregressively in chunks")
+    syn.add_argument("--consistency", type=float, default=0.7,
+                     help="smoothing along slices of 3D volumes, in slices (0: off)")
+    syn.add_argument("--overlap", type=float, default=0.5, help="tile overlap, 0-0.9")
+    syn.add_argument("--seed", type=int, default=0, help="seed of a named task's simulated example")
+    syn.add_argument("--list-tasks", action="store_true", help="print the named tasks and exit")
+    syn.set_defaults(run=_synthesize)
 
     models = sub.add_parser("models", help="list shipped and user models")
     models.add_argument("--modality", help="only models for this modality (CT, MR, OCT, fundus)")
@@ -153,7 +173,7 @@ def _segment(args) -> int:
 def _finetune(args) -> int:
     from . import io
     from .engine.progress import terminal_progress
-    from .tasks.finetune import finetune
+    from .tasks.finetune import ANCHOR, finetune
 
     if len(args.labels) != len(args.image):
         raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels: give one label map per image")
@@ -171,7 +191,8 @@ def _finetune(args) -> int:
         volume.meta.setdefault("name", Path(path).name)
     card = finetune(args.model, images=images, labels=labels, slices=slices, steps=args.steps,
                     time_budget_s=args.time_budget, device=args.device, freeze_encoder=args.freeze_encoder,
-                    seed=args.seed, new_id=args.new_id, progress=terminal_progress("finetune "))
+                    anchor=ANCHOR if args.anchor is None else args.anchor, seed=args.seed, new_id=args.new_id,
+                    progress=terminal_progress("finetune "))
     print(f"saved model {card.id} in {card.weights_path.parent} ({card.training['steps']} steps, "
           f"{card.training['wall_time_s']} s)")
     for name, value in card.metrics.items():
@@ -198,6 +219,37 @@ def _prompt(args) -> int:
     expected = ", ".join(f"{name} {'n/a' if d is None else f'{d:.2f}'}"
                          for name, d in labels.meta["expected_dice"].items())
     print(f"wrote {args.output}: {labels.meta['choice']}; expected Dice (leave-one-out): {expected}")
+    return 0
+
+
+def _synthesize(args) -> int:
+    from . import io
+    from .engine.progress import terminal_progress
+    from .tasks.synthesis_tasks import TASKS
+    from .tasks.synthesize import synthesize
+
+    if args.list_tasks:
+        for name in sorted(TASKS):
+            print(f"{name:24s} {TASKS[name].description}")
+        return 0
+    if not args.input or not args.output:
+        raise ValueError("give an input image and -o/--output (or --list-tasks)")
+    if args.task is None and not args.example:
+        raise ValueError("say what to synthesize: --task NAME (see --list-tasks) or --example IMAGE TARGET")
+    volume = io.load(args.input)
+    examples = [(io.load(image), io.load(target)) for image, target in args.example or ()]
+    result = synthesize(volume, model=args.model, task=args.task, examples=examples or None,
+                        mask=io.load(args.mask) if args.mask else None, device=args.device, steps=args.steps,
+                        overlap=args.overlap, consistency=args.consistency, seed=args.seed,
+                        progress=terminal_progress("synthesize "))
+    io.save(result, args.output)
+    shape = "x".join(str(n) for n in result.data.shape)
+    if result.is_labels:
+        found = sorted(result.labels[v] for v in set(int(x) for x in _unique(result.data)) if v in result.labels)
+        print(f"wrote {args.output}: label map {shape}, {len(found)} structures ({', '.join(found)})")
+    else:
+        print(f"wrote {args.output}: image {shape}, values {float(result.data.min()):.4g} to "
+              f"{float(result.data.max()):.4g}")
     return 0
 
 

@@ -19,3 +19,35 @@ def test_fundus_recipe_trains_and_writes_a_loadable_model_with_a_card(data_dir, 
     assert card["training"]["steps"] == 2 and card["metrics"]
     network, loaded = models.load_model(tmp_path / "fundus-vessels-2d.safetensors")
     assert loaded.labels == {1: "vessel"}
+
+
+def test_mvg_training_learns_a_context_task_the_intensity_prior_cannot():
+    """Blurring needs neighbours: the prompt pair's grey-level map alone cannot do it, training must."""
+    import numpy as np
+    import torch
+    from scipy import ndimage as ndi
+
+    from napari_medvision.models.mvg import build_mvg, make_canvas
+    from napari_medvision.recipes.mvg_data import Family, PairSampler
+    from napari_medvision.recipes.mvg_generalist import train
+
+    rng = np.random.default_rng(0)
+    family = Family("blur", 1.0)
+    for _ in range(4):
+        images = [ndi.gaussian_filter(rng.random((40, 40)), 1.0).astype(np.float32) * 4 - 1.5 for _ in range(3)]
+        family.add("blur", images, [ndi.gaussian_filter(i, 2.0) for i in images])
+    torch.manual_seed(0)
+    torch.set_num_threads(1)
+    network = build_mvg({"preset": "tiny"})
+    held_out = PairSampler([family], network.tile, seed=99, inpaint_weight=0.0).batch(16)
+
+    def error():
+        with torch.no_grad():
+            return float((network.eval()(make_canvas(*held_out[:3])) - held_out[3]).abs().mean())
+
+    before = error()
+    summary = train(network, PairSampler([family], network.tile, seed=1, inpaint_weight=0.0), "cpu", steps=150,
+                    batch_size=8, time_budget=None, lr=2e-3, log=lambda *_: None)
+    assert summary["steps"] == 150 and summary["loss_curve"]
+    after = error()
+    assert after < 0.9 * before

@@ -62,8 +62,8 @@ class TaskRunner(QWidget):
         self.worker = None
         self.cancel_button.clicked.connect(self.cancel)
 
-    def start(self, task: Callable[..., Any], on_done: Callable[[Any], None], **kwargs: Any) -> None:
-        """Run ``task(**kwargs, progress=..., cancel=...)`` in a worker thread."""
+    def start(self, task: Callable[..., Any], on_done: Callable[[Any], None], /, **kwargs: Any) -> None:
+        """Run ``task(**kwargs, progress=..., cancel=...)`` in a worker thread (kwargs may hold ``task=``)."""
         self._token = CancelToken()
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
@@ -75,6 +75,11 @@ class TaskRunner(QWidget):
         worker.finished.connect(self._reset)
         self.worker = worker
         worker.start()
+
+    def refuse(self, message: str) -> None:
+        """Do not start: say why in the status line and as a notification (bad input, named)."""
+        self.status.setText(f"not run: {message}")
+        show_problem(message)
 
     def cancel(self) -> None:
         if self._token is not None:

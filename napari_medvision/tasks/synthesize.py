@@ -1,0 +1,211 @@
+"""``mv.synthesize``: a new image (or label map) generated from a prompt pair by the MVG generalist.
+
+The prompt pair says what to do: ``examples=[(t1, t2)]`` turns the input into a T2-like image,
+``[(low_dose, normal_dose)]`` denoises, ``[(ct, organ_labels)]`` segments. Named ``task=`` values
+bring their own simulated pair (``synthesis_tasks.TASKS``). 3D volumes run slice by slice, in
+batches, with a short filter along z so that slices do not flicker.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Optional, Sequence
+
+import numpy as np
+
+from ..engine.progress import CancelToken, ProgressFn
+from ..models.card import ModelCard
+from ..volume import Volume
+
+DEFAULT_MODEL = "mvg-generalist"
+Example = tuple["Volume | np.ndarray", "Volume | np.ndarray"]
+
+
+def synthesize(
+    volume: Volume,
+    model: str | os.PathLike | ModelCard = DEFAULT_MODEL,
+    task: Optional[str] = None,
+    examples: Optional[Sequence[Example]] = None,
+    mask: "Volume | np.ndarray | None" = None,
+    device: Optional[str] = None,
+    steps: int = 1,
+    overlap: float = 0.5,
+    batch_size: int = 32,
+    consistency: float = 0.7,
+    seed: int = 0,
+    progress: Optional[ProgressFn] = None,
+    cancel: Optional[CancelToken] = None,
+) -> Volume:
+    """A new Volume on ``volume``'s grid: an image, or a label map where the example targets are labels.
+
+    task: a named task (``mv.synthesis_tasks()``) whose prompt pair is simulated; ignored when
+        ``examples`` are given.
+    examples: prompt pairs ``(image, target)`` (Volumes or arrays, 2D or 3D); with several, the
+        outputs are averaged (prompt ensembling).
+    mask: for inpainting, non-zero where the input should be filled in; the rest is kept as it was.
+    steps: 1 fills the target in one pass; more generates it autoregressively in that many chunks.
+    consistency: sigma, in slices, of the filter along z for 3D volumes (0 turns it off).
+    """
+    from ..engine.device import resolve_device
+    from ..models.registry import get_card, load_model
+
+    source = volume.meta.get("source", "the image")
+    if volume.is_labels:
+        raise ValueError(f"{source}: is a label map; synthesize from the image it was drawn on")
+    if volume.ndim not in (2, 3) or volume.n_leading:
+        # a 4D series has 3 spatial axes and a leading one (n_leading): check both
+        raise ValueError(f"{source}: synthesis takes a 2D image or a 3D volume, this one is "
+                         f"{volume.ndim + volume.n_leading}D; pick one time point or channel first")
+    card = get_card(model)
+    if card.task != "synthesis":
+        raise ValueError(f"model {card.id} is a {card.task} model; synthesis needs an MVG model "
+                         f"(e.g. {DEFAULT_MODEL})")
+    hole = _hole_mask(mask, volume, source)
+    pairs = _prompt_pairs(volume, task, examples, hole, seed, source)
+    device = resolve_device(device)
+    network, card = load_model(card, device=device)
+    return _run(network, volume, pairs, hole, device, steps, overlap, batch_size, consistency, progress, cancel)
+
+
+def _run(network, volume, pairs, hole, device, steps, overlap, batch_size, consistency, progress, cancel) -> Volume:
+    from ..engine.progress import report
+    from ..engine.synthesis import generate_slices, greyscale, resize_slice, smooth_along_slices, unit_scale
+
+    query = _stack(greyscale(np.asarray(volume.data), volume.rgb))
+    query_scale = unit_scale(query, volume.modality or "")
+    unit_query = query_scale.to_unit(query)
+    if hole is not None:
+        unit_query[hole] = 0.0  # HOLE_VALUE: the prompt pairs show the model what to do with it
+    outputs, target_scales, image_scales = [], [], []
+    for k, (image, target) in enumerate(pairs):
+        image_data, image_spacing, image_modality, _ = _example_arrays(image, volume.modality)
+        target_data, _, _, target_is_labels = _example_arrays(target, volume.modality)
+        if image_data.shape != target_data.shape:
+            raise ValueError(f"example {k + 1}: the image has shape {image_data.shape}"
+                             f" but its target {target_data.shape}: a prompt pair must lie on one grid")
+        image_scale = unit_scale(image_data, image_modality)
+        target_scale = unit_scale(target_data, image_modality if not target_is_labels else "", target_is_labels)
+        work_shape = _working_shape(volume, image_spacing)
+        prompt_images, prompt_targets = image_scale.to_unit(image_data), target_scale.to_unit(target_data)
+
+        def prompt_for(i, n=len(query), m=len(prompt_images)):
+            # the example slice at the same relative height; a single query slice takes the
+            # example's middle one (its first is usually the edge of the anatomy)
+            j = int(round(i * (m - 1) / (n - 1))) if n > 1 else (m - 1) // 2
+            return prompt_images[j], prompt_targets[j]
+
+        def scaled(done, total, message, k=k):
+            report(progress, k * total + done, len(pairs) * total, message)
+
+        slices = [resize_slice(s, work_shape) for s in unit_query]
+        generated = generate_slices(network, slices, prompt_for, device=device, overlap=overlap,
+                                    batch_size=batch_size, steps=steps, progress=scaled, cancel=cancel)
+        outputs.append(np.stack([resize_slice(g, query.shape[1:]) for g in generated]))
+        target_scales.append(target_scale)
+        image_scales.append(image_scale)
+    unit = np.mean(outputs, axis=0)
+    if len(unit) > 1 and consistency > 0:
+        unit = smooth_along_slices(unit, consistency)
+    first_target = target_scales[0]
+    if first_target.levels is not None:
+        levels = sorted(set().union(*(s.levels or () for s in target_scales)))
+        data = type(first_target)(0.0, float(max(levels[-1], 1)), "labels", tuple(levels)).decode_labels(unit)
+        result = data.astype(np.uint8 if levels[-1] < 256 else np.uint16)
+        names = _label_names(pairs[0][1], levels)
+        return volume.with_data(result[0] if volume.ndim == 2 else result, labels=names, rgb=False)
+    out_scale = query_scale if first_target.same_units_as(image_scales[0]) else first_target
+    data = out_scale.from_unit(unit)
+    if hole is not None:
+        data = np.where(hole, data, query)  # inpainting changes the holes only
+    return volume.with_data(data[0] if volume.ndim == 2 else data, rgb=False, labels=None)
+
+
+def _stack(data: np.ndarray) -> np.ndarray:
+    return data[None] if data.ndim == 2 else data
+
+
+def _example_arrays(item, modality):
+    """(z, y, x) greyscale array, in-plane spacing or None, modality, is-labels of one example item."""
+    from ..engine.synthesis import greyscale
+
+    if isinstance(item, Volume):
+        data = greyscale(np.asarray(item.data), item.rgb) if not item.is_labels else np.asarray(item.data)
+        return _stack(data), tuple(item.spacing[-2:]), item.modality or modality or "", item.is_labels
+    data = np.asarray(item)
+    is_labels = data.dtype.kind in "iub" and data.ndim in (2, 3) and len(np.unique(data)) <= 32
+    if data.ndim == 3 and data.shape[-1] == 3 and not is_labels:
+        data = greyscale(data, True)
+    return _stack(data), None, modality or "", is_labels
+
+
+def _working_shape(volume: Volume, example_spacing) -> tuple[int, int]:
+    """The query slice's shape at the example's pixel spacing: the example sets the scale of the task."""
+    shape = volume.spatial_shape[-2:]
+    if example_spacing is None:
+        return tuple(shape)
+    # An example of another scale by more than these factors is of another kind of image (e.g. a
+    # fundus photo in micrometre pixels for an MR in millimetres): keep the query near its own size.
+    factors = [float(np.clip(s / e, 1 / 8, 4)) for s, e in zip(volume.spacing[-2:], example_spacing)]
+    return tuple(max(8, int(round(n * f))) for n, f in zip(shape, factors))
+
+
+def _label_names(target, levels) -> dict[int, str]:
+    names = dict(target.labels or {}) if isinstance(target, Volume) else {}
+    return {int(v): names.get(int(v), f"label {int(v)}") for v in levels if v != 0}
+
+
+def _hole_mask(mask, volume: Volume, source: str) -> np.ndarray | None:
+    if mask is None:
+        return None
+    data = np.asarray(mask.data if isinstance(mask, Volume) else mask) != 0
+    if data.shape != tuple(volume.spatial_shape):
+        raise ValueError(f"{source}: the inpainting mask has shape {data.shape}, the image {tuple(volume.spatial_shape)}")
+    if not data.any():
+        raise ValueError(f"{source}: the inpainting mask is empty; paint the region to fill")
+    return _stack(data)
+
+
+def _prompt_pairs(volume: Volume, task, examples, hole, seed: int, source: str) -> list[Example]:
+    from .synthesis_tasks import TASKS
+
+    if examples:
+        pairs = [tuple(pair) for pair in examples]
+        if any(len(pair) != 2 for pair in pairs):
+            raise ValueError("each example is a pair (image, target)")
+        return pairs
+    if task is None:
+        raise ValueError(f"{source}: say what to synthesize: task= one of {', '.join(sorted(TASKS))}, "
+                         "or examples=[(image, target)]")
+    if task not in TASKS:
+        raise ValueError(f"unknown synthesis task {task!r}; known: {', '.join(sorted(TASKS))}")
+    wanted = TASKS[task].modality
+    if wanted and volume.modality and volume.modality.upper() != wanted.upper():
+        raise ValueError(f"{source}: task {task!r} works on {wanted} images, this one is {volume.modality}")
+    if task == "inpaint":
+        if hole is None:
+            raise ValueError(f"{source}: inpainting needs mask= marking the region to fill")
+        return _self_inpainting_pairs(volume, hole, seed)
+    return TASKS[task].make_examples(seed)
+
+
+def _self_inpainting_pairs(volume: Volume, hole: np.ndarray, seed: int) -> list[Example]:
+    """A prompt pair cut from the input itself: its mirror image with new holes, and the mirror image.
+
+    Mirrored left to right, so that the prompt tile paired with each query tile never shows the
+    content under the user's own mask at the same place (the model would copy it back).
+    """
+    from ..engine.synthesis import greyscale, unit_scale
+    from .synthesis_tasks import inpainting_holes
+
+    rng = np.random.default_rng(seed)
+    query = _stack(greyscale(np.asarray(volume.data), volume.rgb))
+    mirrored, mirrored_hole = query[..., ::-1].copy(), hole[..., ::-1]
+    fill = unit_scale(query, volume.modality or "").from_unit(np.zeros(1))[0]
+    holed = mirrored.copy()
+    for z in range(len(query)):
+        holed[z][inpainting_holes(query.shape[1:], rng) & ~mirrored_hole[z]] = fill
+
+    def as_volume(data):
+        return volume.with_data(data if volume.ndim == 3 else data[0], rgb=False)
+
+    return [(as_volume(holed), as_volume(mirrored))]
