@@ -293,7 +293,8 @@ def _markdown_index(cards) -> str:
 
 def _short_metric(value) -> str:
     if isinstance(value, dict):
-        return ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in value.items())
+        return ", ".join(f"{k} ({_short_metric(v)})" if isinstance(v, dict) else f"{k} {_short_metric(v)}"
+                         for k, v in value.items())
     return f"{value:.3f}" if isinstance(value, float) else str(value)
 
 

@@ -36,7 +36,7 @@ def test_all_weights_together_stay_small():
 def test_every_card_names_held_out_metrics_and_a_recipe():
     for card in SHIPPED.values():
         assert card.metrics and card.training.get("recipe", "").startswith("napari_medvision.recipes.")
-        assert card.sha256 and card.labels
+        assert card.sha256 and (card.labels or card.task != "segmentation")
 
 
 @needs("fundus-vessels-2d")

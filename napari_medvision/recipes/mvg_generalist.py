@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> int:
                                                  "prediction, L1 on hidden target pixels",
             "steps": summary["steps"], "batch_size": args.batch_size, "device": device_summary(device),
             "wall_time_s": summary["seconds"], "loss_curve": summary["loss_curve"],
-            "recipe": "python -m napari_medvision.recipes.mvg_generalist "
+            "recipe": "napari_medvision.recipes.mvg_generalist "
                       + " ".join(argv if argv is not None else sys.argv[1:]),
             "scale": ("GPU run" if device.startswith("cuda") else
                       "trained on a 2-core CPU (no GPU lent to this task) with the 'cpu' preset (64-pixel tiles) "
