@@ -428,3 +428,22 @@ def test_an_example_pair_off_one_grid_is_refused():
     image = mv.Volume(np.random.default_rng(0).random((24, 20)).astype(np.float32), spacing=(1.0, 1.0))
     with pytest.raises(ValueError, match="prompt pair must lie on one grid"):
         mv.synthesize(image, model="tiny-mvg", examples=[(image, np.zeros((12, 20), np.float32))])
+
+
+def test_label_examples_with_different_ids_share_one_grey_level_per_id():
+    """Averaging two label examples compares like with like: id 2 is the same grey in both."""
+    import numpy as np
+    import pytest
+
+    from napari_medvision.tasks.synthesize import _prepared_examples
+
+    image = np.random.default_rng(0).random((2, 16, 16)).astype(np.float32)
+    two_ids = np.zeros((2, 16, 16), np.uint8)
+    two_ids[:, :8] = 2
+    three_ids = two_ids.copy()
+    three_ids[:, 12:] = 3
+    examples, scale = _prepared_examples([(image, two_ids), (image, three_ids)], "MR")
+    assert scale.levels == (0, 2, 3)
+    assert examples[0][1][0, 0, 0] == examples[1][1][0, 0, 0] == pytest.approx(2 / 3)
+    with pytest.raises(ValueError, match="mix label-map and image targets"):
+        _prepared_examples([(image, two_ids), (image, image)], "MR")

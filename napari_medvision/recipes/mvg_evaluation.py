@@ -98,9 +98,8 @@ def evaluate_ct_denoising(network, device, pictures) -> dict:
     for name, clean in cases.items():
         data = np.asarray(clean.data, np.float32)
         noisy = clean.with_data(np.stack([low_dose_ct(s, clean.spacing[-1], LOW_DOSE_PHOTONS, rng) for s in data]))
-        prompt_pair = (prompt[0], prompt[1])
         outputs = {
-            "mvg": np.asarray(_run(network, device, noisy, [prompt_pair]).data),
+            "mvg": np.asarray(_run(network, device, noisy, [prompt]).data),
             "identity": np.asarray(noisy.data),
             "histogram matching": histogram_matching(np.asarray(noisy.data), np.asarray(prompt[1].data)),
             "linear map": linear_map(np.asarray(noisy.data), np.asarray(prompt[0].data), np.asarray(prompt[1].data)),

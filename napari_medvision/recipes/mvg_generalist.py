@@ -127,10 +127,9 @@ def main(argv: list[str] | None = None) -> int:
         families = build_families(args.seed)
         if args.bank is not None:
             args.bank.write_bytes(pickle.dumps(families))
-    architecture = {"name": "mvg", "config": {"preset": args.preset}}
     from ..models.mvg import resolved_config
 
-    architecture["config"] = resolved_config(architecture["config"])
+    architecture = {"name": "mvg", "config": resolved_config({"preset": args.preset})}
     torch.manual_seed(args.seed)
     network = build_model(architecture)
     if args.init is not None:

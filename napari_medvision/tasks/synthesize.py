@@ -8,6 +8,7 @@ batches, with a short filter along z so that slices do not flicker.
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional, Sequence
 
@@ -76,48 +77,72 @@ def _run(network, volume, pairs, hole, device, steps, overlap, batch_size, consi
     unit_query = query_scale.to_unit(query)
     if hole is not None:
         unit_query[hole] = 0.0  # HOLE_VALUE: the prompt pairs show the model what to do with it
-    outputs, target_scales, image_scales = [], [], []
-    for k, (image, target) in enumerate(pairs):
-        image_data, image_spacing, image_modality, _ = _example_arrays(image, volume.modality)
-        target_data, _, _, target_is_labels = _example_arrays(target, volume.modality)
-        if image_data.shape != target_data.shape:
-            raise ValueError(f"example {k + 1}: the image has shape {image_data.shape}"
-                             f" but its target {target_data.shape}: a prompt pair must lie on one grid")
-        image_scale = unit_scale(image_data, image_modality)
-        target_scale = unit_scale(target_data, image_modality if not target_is_labels else "", target_is_labels)
-        work_shape = _working_shape(volume, image_spacing)
-        prompt_images, prompt_targets = image_scale.to_unit(image_data), target_scale.to_unit(target_data)
-
-        def prompt_for(i, n=len(query), m=len(prompt_images)):
+    examples, target_scale = _prepared_examples(pairs, volume.modality)
+    outputs = []
+    for k, (prompt_images, prompt_targets, image_spacing, _) in enumerate(examples):
+        def prompt_for(i, n=len(query), images=prompt_images, targets=prompt_targets):
             # the example slice at the same relative height; a single query slice takes the
             # example's middle one (its first is usually the edge of the anatomy)
+            m = len(images)
             j = int(round(i * (m - 1) / (n - 1))) if n > 1 else (m - 1) // 2
-            return prompt_images[j], prompt_targets[j]
+            return images[j], targets[j]
 
         def scaled(done, total, message, k=k):
-            report(progress, k * total + done, len(pairs) * total, message)
+            report(progress, k * total + done, len(examples) * total, message)
 
+        work_shape = _working_shape(volume, image_spacing)
         slices = [resize_slice(s, work_shape) for s in unit_query]
         generated = generate_slices(network, slices, prompt_for, device=device, overlap=overlap,
                                     batch_size=batch_size, steps=steps, progress=scaled, cancel=cancel)
         outputs.append(np.stack([resize_slice(g, query.shape[1:]) for g in generated]))
-        target_scales.append(target_scale)
-        image_scales.append(image_scale)
     unit = np.mean(outputs, axis=0)
     if len(unit) > 1 and consistency > 0:
         unit = smooth_along_slices(unit, consistency)
-    first_target = target_scales[0]
-    if first_target.levels is not None:
-        levels = sorted(set().union(*(s.levels or () for s in target_scales)))
-        data = type(first_target)(0.0, float(max(levels[-1], 1)), "labels", tuple(levels)).decode_labels(unit)
-        result = data.astype(np.uint8 if levels[-1] < 256 else np.uint16)
+    if target_scale.levels is not None:
+        levels = target_scale.levels
+        result = target_scale.decode_labels(unit).astype(np.uint8 if levels[-1] < 256 else np.uint16)
         names = _label_names(pairs[0][1], levels)
         return volume.with_data(result[0] if volume.ndim == 2 else result, labels=names, rgb=False)
-    out_scale = query_scale if first_target.same_units_as(image_scales[0]) else first_target
+    out_scale = query_scale if target_scale.same_units_as(examples[0][3]) else target_scale
     data = out_scale.from_unit(unit)
     if hole is not None:
         data = np.where(hole, data, query)  # inpainting changes the holes only
     return volume.with_data(data[0] if volume.ndim == 2 else data, rgb=False, labels=None)
+
+
+def _prepared_examples(pairs, modality):
+    """Each pair as (unit images, unit targets, in-plane spacing, image scale), and the targets' scale.
+
+    Label-map targets share one scale over all examples (grey level = id / largest id of any
+    example), so that averaging their outputs compares like with like; image targets keep the
+    first example's scale for the output's units.
+    """
+    from ..engine.synthesis import UnitScale, unit_scale
+
+    raw = []
+    for k, (image, target) in enumerate(pairs):
+        image_data, image_spacing, image_modality, _ = _example_arrays(image, modality)
+        target_data, _, _, target_is_labels = _example_arrays(target, modality)
+        if image_data.shape != target_data.shape:
+            raise ValueError(f"example {k + 1}: the image has shape {image_data.shape}"
+                             f" but its target {target_data.shape}: a prompt pair must lie on one grid")
+        raw.append((image_data, target_data, image_spacing, image_modality, target_is_labels))
+    kinds = {is_labels for *_, is_labels in raw}
+    if len(kinds) > 1:
+        raise ValueError("the examples mix label-map and image targets: give one kind of target")
+    if kinds == {True}:
+        levels = sorted(set().union(*(unit_scale(t, is_labels=True).levels for _, t, *_ in raw)))
+        target_scale = UnitScale(0.0, float(max(levels[-1], 1)), "labels", tuple(levels))
+        target_scales = [target_scale] * len(raw)
+    else:
+        # a target in the image's modality: CT stays in HU, others take their own percentiles
+        target_scales = [unit_scale(target, image_modality) for _, target, _, image_modality, _ in raw]
+        target_scale = target_scales[0]
+    examples = []
+    for (image, target, spacing, image_modality, _), t_scale in zip(raw, target_scales):
+        i_scale = unit_scale(image, image_modality)
+        examples.append((i_scale.to_unit(image), t_scale.to_unit(target), spacing, i_scale))
+    return examples, target_scale
 
 
 def _stack(data: np.ndarray) -> np.ndarray:
@@ -185,6 +210,14 @@ def _prompt_pairs(volume: Volume, task, examples, hole, seed: int, source: str) 
         if hole is None:
             raise ValueError(f"{source}: inpainting needs mask= marking the region to fill")
         return _self_inpainting_pairs(volume, hole, seed)
+    return _named_task_examples(task, seed)
+
+
+@functools.lru_cache(maxsize=4)
+def _named_task_examples(task: str, seed: int) -> list[Example]:
+    """A named task's simulated pairs, kept for reruns: simulating them takes seconds (never modified)."""
+    from .synthesis_tasks import TASKS
+
     return TASKS[task].make_examples(seed)
 
 
