@@ -56,7 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     seg.set_defaults(run=_segment)
 
     tune = sub.add_parser("finetune", help="fine-tune a model on corrected label maps; saves a new user model")
-    tune.add_argument("model", help="model id (see `medvision models`) or checkpoint path")
+    tune.add_argument("model", help="model id (see `medvision models`), checkpoint path, or prompt-head for a "
+                                    "new prompting head (pixel classifier trained on the corrections alone)")
     tune.add_argument("--image", action="append", required=True, help="image file or folder (repeat for several)")
     tune.add_argument("--labels", action="append", required=True,
                       help="corrected label map on that image's grid (one per --image, same order)")

@@ -122,3 +122,29 @@ def test_cancel_adds_no_model_and_no_layer(make_napari_viewer, qtbot):
     assert panel.card is None and not panel.apply_button.isEnabled()
     assert len(viewer.layers) == 2
     assert "tiny-ct-cancelled" not in [c.id for c in mv.models.available()]
+
+
+def test_panel_trains_a_new_prompting_head_and_applies_it(make_napari_viewer, qtbot):
+    """No model needed: the painted slices alone train a pixel classifier, listed and applied like any model."""
+    from napari_medvision.tasks.prompt_head import NEW_HEAD
+
+    viewer, corrected = viewer_with_corrections(make_napari_viewer)
+    panel = FinetuneWidget(viewer)
+    layer = paint_two_slices(viewer, corrected)
+    layer.data_setitem((np.full(3, 9), np.array([20, 21, 22]), np.array([20, 20, 20])), 1)
+    panel.model_box.setCurrentIndex(panel.model_box.findData(NEW_HEAD))
+    panel.device_box.setCurrentText("cpu")
+    panel.steps.setValue(50)
+    panel.new_id.setText("liver-head")
+    panel.run()
+    qtbot.waitUntil(lambda: panel.card is not None, timeout=60_000)
+    assert panel.card.architecture["name"] == "appearance-head" and panel.card.parent is None
+    assert panel.model_box.currentData() == "liver-head"
+    qtbot.waitUntil(lambda: panel.runner.run_button.isEnabled(), timeout=10_000)
+    panel.apply_button.click()
+    qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=60_000)
+    result = viewer.layers[-1]
+    assert result.data.shape == (20, 48, 40)
+    liver = np.asarray(corrected.data) == 1
+    predicted = np.asarray(result.data) == 1
+    assert 2 * (liver & predicted).sum() / (liver.sum() + predicted.sum()) > 0.5

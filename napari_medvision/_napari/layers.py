@@ -352,6 +352,11 @@ def scan_metadata_for(shape: tuple[int, ...], meta: dict[str, Any], layers: Any)
 
 
 # --- helpers -------------------------------------------------------------------------------
+def label_names(layer: Any) -> dict[int, str]:
+    """``{id: name}`` a labels layer carries in its features (empty for a layer painted from scratch)."""
+    return _names_from_features(getattr(layer, "features", None)) or {}
+
+
 def _names_from_features(features: Any) -> dict[int, str] | None:
     if features is None:
         return None

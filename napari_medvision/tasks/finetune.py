@@ -73,6 +73,10 @@ def finetune(
 ) -> ModelCard:
     """The card of a new model: ``model`` fine-tuned on corrected label maps, saved in the user folder.
 
+    model: a segmentation model (id, path or card), or ``"prompt-head"`` for a new prompting
+        appearance head (``tasks.prompt_head``: a per-pixel classifier on the prompt's features,
+        trained in seconds; ``steps`` counts its optimiser steps; encoder, anchor, batch and
+        time-budget options do not apply to it).
     images / labels: one image and its corrected label map per volume, on the same grid.
     slices: per volume, the indices along axis 0 (axial slices of a 3D scan, rows of a 2D image)
         the user corrected; ``None`` (for all volumes or one) takes every slice holding a label
@@ -100,10 +104,18 @@ def finetune(
     from ..engine.training import TrainConfig, train_segmentation
     from ..models.registry import get_card, load_model, save_model, user_dir, weights_dir
 
+    from .prompt_head import finetune_head, is_head
+
     started = time.perf_counter()
     if not anchor >= 0:
         raise ValueError(f"anchor must be 0 (off) or positive, got {anchor}")
+    if is_head(model):  # a new prompting head
+        return finetune_head(model, images, labels, slices, steps=steps, device=device, progress=progress,
+                             cancel=cancel, seed=seed, new_id=new_id, folder=folder, on_validation=on_validation)
     parent = get_card(model)
+    if is_head(parent):  # a stored prompting head, trained further
+        return finetune_head(parent, images, labels, slices, steps=steps, device=device, progress=progress,
+                             cancel=cancel, seed=seed, new_id=new_id, folder=folder, on_validation=on_validation)
     slices = check_corrections(parent, images, labels, slices)
     device = resolve_device(device)
     new_id = new_id or f"{parent.id}-ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"

@@ -20,8 +20,9 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 
 from ... import models
 from ...tasks.finetune import finetune
+from ...tasks.prompt_head import NEW_HEAD
 from ...tasks.segment import segment
-from ..layers import volume_to_layer
+from ..layers import label_names, volume_to_layer
 from ._layer_choice import chosen_layer, refill
 from ._task_runner import TaskRunner
 from .segment import devices, image_volume
@@ -177,6 +178,8 @@ class FinetuneWidget(QWidget):
         self.model_box.clear()
         for card in models.available(task="segmentation"):
             self.model_box.addItem(f"{card.id} ({card.source})", card.id)
+        # a prompting head learns from the corrections alone, in seconds (tasks.prompt_head)
+        self.model_box.addItem("new prompting head (pixel classifier)", NEW_HEAD)
 
     def _track_labels(self, *_: Any) -> None:
         layer = self._layer(self.labels_box)
@@ -236,7 +239,7 @@ class FinetuneWidget(QWidget):
         volume.meta["name"] = image.name
         # The corrections lie on the image's grid: they take its geometry (a labels layer made in
         # napari often has none of its own).
-        corrected = volume.with_data(np.asarray(labels.data), labels={}, rgb=False)
+        corrected = volume.with_data(np.asarray(labels.data), labels=label_names(labels), rgb=False)
         corrected.meta = {"name": labels.name}
         device = self.device_box.currentText()
         self.plot.clear()

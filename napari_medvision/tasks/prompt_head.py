@@ -1,0 +1,284 @@
+"""Fine-tuning the prompting head on corrected slices, and segmenting with the stored head.
+
+The head ``mv.prompt`` fits per call (``_refine.AppearanceHead``) learns what each label looks
+like from the pixels it is shown. Trained instead on the slices a user corrected and saved as a
+user model, it becomes a fast pixel classifier for scans of the same kind (ilastik's pixel
+classification, with the prompt's features): ``mv.segment(vol, model=card.id)``, and again
+fine-tunable on the next corrections. ``mv.finetune`` comes here for the model name
+``"prompt-head"`` (a new head) or any model whose architecture is ``appearance-head``.
+
+    card = mv.finetune("prompt-head", images=[ct], labels=[corrected], slices=[[12, 20, 31]])
+    seg = mv.segment(other_ct, model=card.id)
+"""
+
+from __future__ import annotations
+
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+from ..engine.progress import check, report
+from ..models.card import ModelCard
+from ..volume import Volume
+
+NEW_HEAD = "prompt-head"  # the model name that asks for a new head
+HIDDEN = 32
+DEFAULT_STEPS = 300
+SAMPLES = 40_000          # class-balanced training pixels per run
+LEARNING_RATE = {True: 1e-2, False: 3e-3}  # a new head / one continued from its parent
+
+
+def is_head(model) -> bool:
+    """True for the name of a new head or a card of a stored one."""
+    if isinstance(model, ModelCard):
+        return model.architecture.get("name") == "appearance-head"
+    return str(model) == NEW_HEAD
+
+
+def pixel_features(volume: Volume, slices=None) -> np.ndarray:
+    """``(n, y, x, F)`` prompt intensity features of ``slices`` (axis 0; all by default; a 2D image: one)."""
+    from ._features import as_slices, intensity_features, normalised
+
+    stack = as_slices(normalised(volume), volume.rgb)
+    return intensity_features(stack if slices is None else stack[list(slices)])
+
+
+def finetune_head(model, images, labels, slices=None, steps: Optional[int] = None, device: Optional[str] = None,
+                  progress=None, cancel=None, seed: int = 0, new_id: Optional[str] = None, folder=None,
+                  on_validation=None) -> ModelCard:
+    """The card of a head trained on the corrected slices (``mv.finetune`` with a head as ``model``).
+
+    model: ``"prompt-head"`` for a new head (labels named by the label maps), or the card of a
+        stored head, whose weights and feature standardisation are the starting point.
+    The corrected slices are split as ``mv.finetune`` splits them; Dice on the held-out ones is
+    measured before (a stored parent only) and after, and recorded on the card.
+    """
+    import torch
+
+    from ..engine.device import resolve_device
+    from ..models.registry import load_model, save_model, user_dir, weights_dir
+    from .finetune import _check_new_id, _check_writable, check_corrections, split_slices
+
+    started = time.perf_counter()
+    images, labels = list(images), list(labels)
+    fresh = not isinstance(model, ModelCard)
+    parent = _new_head_card(images, labels) if fresh else model
+    slices = check_corrections(parent, images, labels, slices)
+    device = resolve_device(device)
+    new_id = new_id or f"{NEW_HEAD if fresh else parent.id}-ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(folder) if folder is not None else user_dir()
+    _check_new_id(new_id, parent, folder, weights_dir())
+    _check_writable(folder)
+
+    report(progress, 0, 1, "computing features of the corrected slices")
+    train_slices, val_slices = split_slices(slices)
+    train_x, train_y = _pixels(images, labels, train_slices, cancel)
+    val = [(pixel_features(im, s), np.asarray(lab.data)[s] if im.ndim == 3 else np.asarray(lab.data)[None])
+           for im, lab, s in zip(images, labels, val_slices) if s]
+    if fresh:
+        network = _new_network(parent, train_x)
+    else:
+        network, parent = load_model(parent, device="cpu")
+    network = network.to(device)
+    before = None if fresh or not val else _dice(network, val, parent, device)
+
+    steps = int(steps or DEFAULT_STEPS)
+    rng = np.random.default_rng(seed)
+    picked = _balanced(train_y, SAMPLES, rng)
+    x = torch.from_numpy(train_x[picked].astype(np.float32)).to(device)
+    y = torch.from_numpy(train_y[picked].astype(np.int64)).to(device)
+    n_classes = int(parent.architecture["config"]["n_classes"])
+    freq = np.bincount(train_y, minlength=n_classes) / len(train_y)
+    counts = np.bincount(train_y[picked], minlength=n_classes)
+    # balanced sampling, then sqrt-frequency weights: a rare label is neither drowned nor painted
+    # everywhere (as the per-prompt head does, _refine.AppearanceHead)
+    weight = np.where(counts > 0, np.sqrt(freq) / np.maximum(counts, 1) * len(picked), 0.0)
+    weight = torch.tensor(weight / weight[counts > 0].mean(), dtype=torch.float32, device=device)
+    torch.manual_seed(seed)
+    optimiser = torch.optim.Adam(network.mlp.parameters(), lr=LEARNING_RATE[fresh], weight_decay=1e-4)
+    loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
+    history = []
+    for step in range(1, steps + 1):
+        check(cancel)
+        optimiser.zero_grad()
+        loss = loss_fn(network(x), y)
+        loss.backward()
+        optimiser.step()
+        if step % 25 == 0 or step == steps:
+            entry = {"step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.perf_counter() - started, 2)}
+            if val:
+                entry["score"] = round(_dice(network, val, parent, device), 4)
+                if on_validation is not None:
+                    on_validation(dict(entry))
+            history.append(entry)
+            report(progress, step, steps, f"loss {entry['loss']:.3f}")
+    after = _dice(network, val, parent, device) if val else None
+
+    compact = sorted(set(parent.input.get("one_piece_labels", [])) | set(_one_piece_labels(images, labels, slices)))
+    card = ModelCard(
+        id=new_id, task="segmentation", architecture=parent.architecture, modality=parent.modality,
+        input={**parent.input, "one_piece_labels": compact}, sha256="", labels=dict(parent.labels or {}), license=parent.license,
+        parent=None if fresh else parent.id,
+        description=("Prompting appearance head (per-pixel MLP on intensity features) trained on "
+                     "user-corrected slices; segments slice by slice."),
+        training={"kind": "prompting head" if fresh else "fine-tuning", "parent": None if fresh else parent.id,
+                  "data": {"volumes": [{"shape": list(im.spatial_shape), "training_slices": list(t),
+                                        "validation_slices": list(v)}
+                                       for im, t, v in zip(images, train_slices, val_slices)],
+                           "training_pixels": int(len(train_y)), "sampled_pixels": int(len(picked))},
+                  "steps": steps, "learning_rate": LEARNING_RATE[fresh], "seed": seed,
+                  "device": device, "wall_time_s": round(time.perf_counter() - started, 2),
+                  "date": datetime.now().date().isoformat(), "validation_curve": history},
+        metrics=_metrics(before, after, sum(len(v) for v in val_slices)),
+    )
+    card.source = "user"
+    save_model(network.cpu(), card, folder)
+    report(progress, 1, 1, f"saved model {new_id}")
+    return card
+
+
+def segment_with_head(volume: Volume, network, card: ModelCard, device: str = "cpu", progress=None,
+                      cancel=None, batch: int = 8) -> Volume:
+    """Labels Volume on ``volume``'s grid: the head's most likely class at every pixel, slice by slice."""
+    import torch
+
+    n = volume.spatial_shape[0] if volume.ndim == 3 else 1
+    out = np.zeros((n,) + tuple(volume.spatial_shape[-2:]), dtype=np.uint8 if len(card.labels or {}) < 255
+                   else np.uint16)
+    network = network.to(device).eval()
+    for start in range(0, n, batch):
+        check(cancel)
+        chunk = list(range(start, min(n, start + batch)))
+        feats = pixel_features(volume, chunk if volume.ndim == 3 else None)
+        with torch.no_grad():
+            logits = network(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)).to(device))
+        out[chunk] = logits.argmax(1).cpu().numpy().reshape(feats.shape[:-1])
+        report(progress, chunk[-1] + 1, n, "segmenting slices")
+    _keep_largest_pieces(out if volume.ndim == 3 else out[0], card.input.get("one_piece_labels", []))
+    result = volume.with_data(out if volume.ndim == 3 else out[0], labels=dict(card.labels or {}), rgb=False)
+    result.meta["model"] = card.id
+    return result
+
+
+# --- helpers -------------------------------------------------------------------------------------------
+
+def _new_head_card(images, labels) -> ModelCard:
+    """A card for a head not trained yet: labels from the label maps, modality and colour from the images."""
+    names: dict[int, str] = {}
+    for label in labels:
+        names.update({int(k): str(v) for k, v in (label.labels or {}).items() if int(k) != 0})
+        for k in np.unique(np.asarray(label.data)).astype(int).tolist():
+            if k != 0:
+                names.setdefault(k, f"label {k}")
+    n_features = None
+    if images:
+        from ._features import PER_CHANNEL
+
+        n_features = PER_CHANNEL * (3 if images[0].rgb else 1)
+    from ._features import INTENSITY_VERSION
+
+    modality = images[0].modality if images else "unknown"
+    config = {"n_features": n_features, "n_classes": max(names, default=0) + 1, "hidden": HIDDEN}
+    return ModelCard(id=NEW_HEAD, task="segmentation", architecture={"name": "appearance-head", "config": config},
+                     modality=modality, sha256="", labels=dict(sorted(names.items())),
+                     input={"dims": 2, "channels": 3 if images and images[0].rgb else 1,
+                            "features": INTENSITY_VERSION,
+                            "normalisation": "prompt features: CT soft-tissue window, else 0.5-99.5 percentiles"})
+
+
+def _one_piece_labels(images, labels, slices, share: float = 0.8) -> list[int]:
+    """Labels drawn as one piece per corrected slice (organs, not vessels or cortex): on average
+    ``share`` of each slice's pixels of the label lie in its largest connected component."""
+    from scipy import ndimage as ndi
+
+    shares: dict[int, list[float]] = {}
+    for image, label, picked in zip(images, labels, slices):
+        lab = np.asarray(label.data)
+        for plane in (lab[picked] if image.ndim == 3 else lab[None]):
+            for k in np.unique(plane[plane > 0]).astype(int).tolist():
+                pieces, n = ndi.label(plane == k)
+                sizes = np.bincount(pieces.ravel())[1:]
+                shares.setdefault(k, []).append(float(sizes.max() / sizes.sum()))
+    return [k for k, v in sorted(shares.items()) if np.mean(v) >= share]
+
+
+def _keep_largest_pieces(labels: np.ndarray, one_piece: list[int]) -> None:
+    """In place: for each one-piece label, only its largest connected component (3D for volumes) stays,
+    holes in it filled; the head judges pixels alone and paints look-alike tissue elsewhere."""
+    from scipy import ndimage as ndi
+
+    for k in one_piece:
+        mask = labels == k
+        if not mask.any():
+            continue
+        pieces, n = ndi.label(mask)
+        if n > 1:
+            largest = 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
+            labels[mask & (pieces != largest)] = 0
+            mask = pieces == largest
+        filled = ndi.binary_fill_holes(mask)
+        labels[filled & (labels == 0)] = k
+
+
+def _pixels(images, labels, slices, cancel) -> tuple[np.ndarray, np.ndarray]:
+    xs, ys = [], []
+    for image, label, picked in zip(images, labels, slices):
+        if not picked:
+            continue
+        check(cancel)
+        feats = pixel_features(image, picked if image.ndim == 3 else None)
+        lab = np.asarray(label.data)
+        lab = lab[picked] if image.ndim == 3 else lab[None]
+        xs.append(feats.reshape(-1, feats.shape[-1]))
+        ys.append(lab.reshape(-1).astype(np.int64))
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def _new_network(card: ModelCard, features: np.ndarray):
+    import torch
+
+    from ..models.registry import build_model
+
+    network = build_model(card.architecture)
+    sample = features[:: max(1, len(features) // 200_000)].astype(np.float32)
+    network.mean.copy_(torch.from_numpy(sample.mean(0)))
+    network.std.copy_(torch.from_numpy(sample.std(0)).clamp_min(1e-4))
+    return network
+
+
+def _balanced(classes: np.ndarray, total: int, rng) -> np.ndarray:
+    present = np.unique(classes)
+    per_class = max(1, total // len(present))
+    picked = [w if len(w) <= per_class else rng.choice(w, per_class, replace=False)
+              for w in (np.flatnonzero(classes == c) for c in present)]
+    return np.concatenate(picked)
+
+
+def _dice(network, val, card: ModelCard, device: str) -> float:
+    """Mean Dice over the labels present in the held-out slices (pooled)."""
+    import torch
+
+    inter, total = {}, {}
+    with torch.no_grad():
+        for feats, truth in val:
+            logits = network(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32))
+                                    .to(device))
+            pred = logits.argmax(1).cpu().numpy().reshape(truth.shape)
+            for k in (card.labels or {}):
+                if (truth == k).any():
+                    inter[k] = inter.get(k, 0) + int(((pred == k) & (truth == k)).sum())
+                    total[k] = total.get(k, 0) + int((pred == k).sum() + (truth == k).sum())
+    return float(np.mean([2 * inter[k] / total[k] for k in total])) if total else float("nan")
+
+
+def _metrics(before, after, n_val: int) -> dict:
+    if after is None:
+        return {"note": "fewer than 3 corrected slices: no validation split, no held-out metric"}
+    key = f"mean dice, held-out corrected slices ({n_val} slices, validation split)"
+    values = {"after fine-tuning": round(after, 4)}
+    if before is not None:
+        values = {"before fine-tuning": round(before, 4), **values}
+    return {key: values}
