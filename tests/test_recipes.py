@@ -51,3 +51,24 @@ def test_mvg_training_learns_a_context_task_the_intensity_prior_cannot():
     assert summary["steps"] == 150 and summary["loss_curve"]
     after = error()
     assert after < 0.9 * before
+
+
+@pytest.mark.parametrize("aligned", [True, False])
+def test_mvg_prompt_tiles_sit_at_the_query_place_only_for_tasks_that_change_units(aligned):
+    """Denoising-like families (aligned=False) take the prompt crop anywhere, so copying it cannot help."""
+    import numpy as np
+
+    from napari_medvision.recipes.mvg_data import Family, PairSampler
+
+    position = np.arange(96 * 96, dtype=np.float32).reshape(96, 96)  # each pixel names its place
+    family = Family("task", 1.0, aligned=aligned)
+    family.add("task", [position], [position])
+    sampler = PairSampler([family], tile=16, seed=0, inpaint_weight=0.0)
+    offsets = []
+    for _ in range(40):
+        prompt, _, query, _ = sampler.sample()
+        offsets.append(np.hypot(*np.subtract(divmod(prompt.min(), 96), divmod(query.min(), 96))))
+    if aligned:
+        assert max(offsets) <= 0.05 * 80 * 4  # a few sigma of the 5 % jitter over the 80-pixel range
+    else:
+        assert np.median(offsets) > 15

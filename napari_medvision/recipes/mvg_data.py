@@ -11,7 +11,11 @@ Four task families, each drawn from a bank of 2D slices in the model's unit spac
 - segmentation as generation: CT organs (phantoms + the real CT's slices 0-16), DRIVE vessels
   (images 21-35) and OCT layers (real B-scan 0001 + simulated B-scans), labels as grey levels.
 A sample's prompt and query come from the same task and, where the bank has several volumes,
-from different ones; both are cropped at the same relative place, as inference pairs tiles.
+from different ones. Where target and image differ in kind (contrast synthesis, segmentation)
+both are cropped at the same relative place, as inference pairs tiles; where they share units
+(denoising, inpainting) the prompt crop is taken anywhere, so the model learns the operation
+instead of copying tissue from the prompt tile (measured: aligned crops made the first model
+paint abdominal tissue into the air of a CT phantom, 23.7 dB against 39.6 for the noisy input).
 """
 
 from __future__ import annotations
@@ -30,6 +34,7 @@ class Family:
 
     name: str
     weight: float
+    aligned: bool = True  # prompt tile at the query's relative place (False: anywhere)
     variants: dict[str, list[tuple[list[np.ndarray], list[np.ndarray]]]] = field(default_factory=dict)
 
     def add(self, variant: str, images: list[np.ndarray], targets: list[np.ndarray]) -> None:
@@ -79,7 +84,7 @@ def ct_volumes(phantom_seeds, real_ct=None):
 def ct_families(volumes, rng, log=print) -> tuple[Family, Family]:
     from ..tasks.synthesis_tasks import low_dose_ct
 
-    denoise, organs = Family("ct denoising", 0.2), Family("segmentation", 0.35)
+    denoise, organs = Family("ct denoising", 0.2, aligned=False), Family("segmentation", 0.35)
     window = unit_scale(np.zeros(1), "CT")
     for hu, labels, spacing in volumes:
         clean = _slices(hu, keep=0.9)
@@ -122,15 +127,17 @@ class PairSampler:
         weights = np.array([f.weight for f in self.families])
         self.weights = weights / weights.sum()
 
-    def _pick(self, family: Family):
+    def _pick(self, family: Family, aligned: bool):
         variant = list(family.variants)[self.rng.integers(len(family.variants))]
         sources = family.variants[variant]
         a = sources[self.rng.integers(len(sources))]
         b = sources[self.rng.integers(len(sources))] if len(sources) > 1 and self.rng.random() < 0.8 else a
         i = self.rng.integers(len(b[0]))
-        # the prompt slice sits at about the same relative height in its volume, as at inference
-        rel = i / max(len(b[0]) - 1, 1)
-        j = int(np.clip(round(rel * (len(a[0]) - 1) + self.rng.integers(-2, 3)), 0, len(a[0]) - 1))
+        if aligned:  # the prompt slice sits at about the same relative height in its volume, as at inference
+            rel = i / max(len(b[0]) - 1, 1)
+            j = int(np.clip(round(rel * (len(a[0]) - 1) + self.rng.integers(-2, 3)), 0, len(a[0]) - 1))
+        else:
+            j = self.rng.integers(len(a[0]))
         return (a[0][j], a[1][j]), (b[0][i], b[1][i])
 
     def _crop(self, arrays, rel):
@@ -147,9 +154,8 @@ class PairSampler:
     def sample(self):
         if self.rng.random() < self.inpaint_weight:
             family = self.families[self.rng.integers(len(self.families))]
-            (pi, _), (qi, _) = self._pick(family)
-            rel = self.rng.random(2)
-            pi, qi = self._crop([pi, qi], rel)
+            (pi, _), (qi, _) = self._pick(family, aligned=False)
+            (pi,), (qi,) = self._crop([pi], self.rng.random(2)), self._crop([qi], self.rng.random(2))
             tiles = []
             for image in (pi, qi):
                 holed = image.copy()
@@ -157,9 +163,10 @@ class PairSampler:
                 tiles += [holed, image]
         else:
             family = self.families[self.rng.choice(len(self.families), p=self.weights)]
-            (pi, pt), (qi, qt) = self._pick(family)
+            (pi, pt), (qi, qt) = self._pick(family, family.aligned)
             rel = self.rng.random(2)
-            tiles = self._crop([pi, pt], rel) + self._crop([qi, qt], np.clip(rel + self.rng.normal(0, 0.05, 2), 0, 1))
+            query_rel = np.clip(rel + self.rng.normal(0, 0.05, 2), 0, 1) if family.aligned else self.rng.random(2)
+            tiles = self._crop([pi, pt], rel) + self._crop([qi, qt], query_rel)
         if self.rng.random() < 0.5:
             tiles = [t[:, ::-1] for t in tiles]
         return [np.ascontiguousarray(t, dtype=np.float32) for t in tiles]
