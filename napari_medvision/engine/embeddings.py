@@ -36,7 +36,7 @@ import torch.nn.functional as F
 from .device import resolve_device
 from .progress import CancelToken, ProgressFn, check, report
 
-CACHE_FORMAT = 1  # bump when the store layout or the preprocessing code changes meaning
+CACHE_FORMAT = 2  # bump when the store layout or the preprocessing code changes meaning
 MARKER = "medvision"
 
 
@@ -198,14 +198,31 @@ def cache_key(data_hash: str, backbone_checksum: str, config: EmbeddingConfig) -
 
 
 def _crc(features: np.ndarray) -> int:
+    if features.ndim < 2:
+        return zlib.crc32(memoryview(np.ascontiguousarray(features).reshape(-1)).cast("B"))
     crc = 0
-    for one in features:
+    for one in features:  # slice by slice: no copy of a whole non-contiguous volume
         crc = zlib.crc32(memoryview(np.ascontiguousarray(one)).cast("B"), crc)
     return crc
 
 
 def _read_cache(path: Path, expect: dict[str, Any]) -> Optional[np.ndarray]:
     """The cached features if the store is complete and intact, else ``None`` (and it is removed)."""
+    arrays = read_arrays(path, expect["key"], {"features": (expect["shape"], "float16")})
+    return None if arrays is None else arrays["features"]
+
+
+def _write_cache(path: Path, features: np.ndarray, key: str) -> None:
+    write_arrays(path, key, {"features": features})
+
+
+def read_arrays(path: Path, key: str, expect: dict[str, tuple[list[int], str]]) -> Optional[dict[str, np.ndarray]]:
+    """Named arrays of a complete, intact store at ``path``, else ``None`` (and the store is removed).
+
+    expect: ``{name: (shape, dtype)}``; the marker's key, every shape, dtype and CRC32 must match.
+    Shared by every cache of per-volume work (features here, prompt fields and features in
+    ``tasks._prompt_cache``), so they all verify the same way.
+    """
     if not path.exists():
         return None
     try:
@@ -213,34 +230,47 @@ def _read_cache(path: Path, expect: dict[str, Any]) -> Optional[np.ndarray]:
 
         group = zarr.open_group(str(path), mode="r")
         marker = dict(group.attrs.get(MARKER) or {})
-        array = group["features"]
-        ok = (marker.get("complete") is True and marker.get("shape") == expect["shape"]
-              and tuple(array.shape) == tuple(expect["shape"]) and array.dtype == np.float16
-              and marker.get("key") == expect["key"])
-        if ok:
-            features = array[...]
-            if _crc(features) == marker.get("crc32"):
-                return features
+        listed = marker.get("arrays") or {}
+        ok = marker.get("complete") is True and marker.get("key") == key and set(listed) == set(expect)
+        out = {}
+        for name, (shape, dtype) in expect.items() if ok else ():
+            array, info = group[name], listed[name]
+            if (info.get("shape") != list(shape) or tuple(array.shape) != tuple(shape)
+                    or array.dtype != np.dtype(dtype) or info.get("dtype") != np.dtype(dtype).str):
+                break
+            values = array[...]
+            if _crc(values) != info.get("crc32"):
+                break
+            out[name] = values
+        else:
+            if ok:
+                return out
     except Exception:  # any read error means "not usable": recompute rather than trust it
         pass
     shutil.rmtree(path, ignore_errors=True)
     return None
 
 
-def _write_cache(path: Path, features: np.ndarray, key: str) -> None:
-    """Write ``features`` to ``path`` atomically: temporary store, marker last, then rename."""
+def write_arrays(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
+    """Write named arrays to ``path`` atomically: temporary store, marker last, then rename."""
     import zarr
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.partial")
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         group = zarr.open_group(str(tmp), mode="w")
-        # Features are noise-like float16: compression saves little and costs read time.
-        array = group.create_array("features", shape=features.shape, dtype="float16",
-                                   chunks=(1,) + tuple(features.shape[1:]), compressors=None, fill_value=0)
-        array[...] = features
-        group.attrs[MARKER] = {"complete": True, "key": key, "shape": list(features.shape),
-                               "crc32": _crc(features), "format": CACHE_FORMAT}
+        listed = {}
+        for name, values in arrays.items():
+            values = np.ascontiguousarray(values)
+            # Features and fields are noise-like floats: compression saves little and costs read time.
+            # One chunk per slice for stacks of slices, one in all for small tables (weights, a PCA basis).
+            chunks = ((1,) + tuple(values.shape[1:]) if values.ndim >= 3 and values.shape[0]
+                      else tuple(max(1, d) for d in values.shape))
+            array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks,
+                                       compressors=None, fill_value=0)
+            array[...] = values
+            listed[name] = {"shape": list(values.shape), "dtype": values.dtype.str, "crc32": _crc(values)}
+        group.attrs[MARKER] = {"complete": True, "key": key, "arrays": listed, "format": CACHE_FORMAT}
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
     except OSError:

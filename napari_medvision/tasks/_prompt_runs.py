@@ -34,12 +34,16 @@ BAND = 10.0  # pixels of background around the labels that the head learns from
 FAR_SHARE = 0.1
 
 
-def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: int, device: str) -> AppearanceHead:
+def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: int, device: str,
+             store=None) -> AppearanceHead:
     """Head fitted on pixels ``features[i] (n, y, x, F)`` labelled ``classes[i] (n, y, x)``.
 
     Background is taken mostly from a band around the labels: the prior already rules out what
     is far away, so the head must learn the boundary (liver against muscle next to it), not
     every look-alike elsewhere in the body. A few far pixels keep it sane there too.
+
+    store: a ``VolumeCache``; a head fitted on exactly these pixels before is read back instead
+    (painting one more slice makes the previous prompt's head one of the leave-one-out folds).
     """
     from scipy import ndimage as ndi
 
@@ -53,20 +57,37 @@ def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: i
                 keep[i] = near | (rng.random(one.shape) < FAR_SHARE)
         xs.append(f[keep])
         ys.append(c[keep])
-    x = np.concatenate(xs)
+    x = np.ascontiguousarray(np.concatenate(xs), dtype=np.float32)
     y = np.concatenate(ys).astype(np.int64)
-    return AppearanceHead(n_classes, device=device).fit(x, y)
+    head = AppearanceHead(n_classes, device=device)
+    if store is None or not store.enabled:
+        return head.fit(x, y)
+    import hashlib
+
+    import torch
+
+    from ._refine import MAX_SAMPLES
+
+    digest = hashlib.blake2b(x.tobytes(), digest_size=16)
+    digest.update(y.tobytes())
+    params = {"version": "head-1", "pixels": digest.hexdigest(), "shape": list(x.shape), "classes": n_classes,
+              "hidden": head.hidden, "steps": head.steps, "seed": head.seed, "samples": MAX_SAMPLES,
+              "torch": torch.__version__, "device": str(device)}
+    names = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias", "mean", "std"]
+    state = store.get("prompt-head", params, {n: (None, "float32") for n in names},
+                      lambda: AppearanceHead(n_classes, device=device).fit(x, y).state())
+    return head.load(state)
 
 
 def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: np.ndarray, annotated: list[int],
                      n_classes: int, compact: set[int], wanted: list[str], device: str,
-                     cancel: Optional[CancelToken] = None) -> dict[str, np.ndarray]:
+                     cancel: Optional[CancelToken] = None, store=None) -> dict[str, np.ndarray]:
     """Class maps ``(z, y, x)`` of each ``wanted`` variant from the ``annotated`` slices of ``classes``."""
     check(cancel)
     hot = onehot(classes, n_classes)
     head = None
     if any(v != "propagation" for v in wanted):
-        head = fit_head([features[annotated]], [classes[annotated]], n_classes, device).predict(features)
+        head = fit_head([features[annotated]], [classes[annotated]], n_classes, device, store).predict(features)
     check(cancel)
     out, tracked = {}, None
     anchor = np.full(classes.shape, -1, dtype=np.int32)

@@ -18,7 +18,19 @@ from scipy import ndimage as ndi
 from ..engine.progress import CancelToken, ProgressFn, check, report
 
 
-def slice_displacements(image: np.ndarray, iterations: int = 25, smoothing: float = 1.5,
+ITERATIONS, SMOOTHING = 25, 1.5
+
+
+def demons_key() -> dict:
+    """What the fields depend on besides the pixels: the prompt cache's key for them."""
+    import SimpleITK as sitk
+
+    # Bump "version" when slice_displacements changes meaning.
+    return {"version": "demons-1", "iterations": ITERATIONS, "smoothing": SMOOTHING,
+            "simpleitk": sitk.Version_VersionString()}
+
+
+def slice_displacements(image: np.ndarray, iterations: int = ITERATIONS, smoothing: float = SMOOTHING,
                         progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
                         step: tuple[int, int] = (0, 1)) -> np.ndarray:
     """``(z-1, 2, y, x)`` float32: where each pixel of slice z+1 comes from in slice z (dy, dx).

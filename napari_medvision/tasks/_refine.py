@@ -55,18 +55,47 @@ class AppearanceHead:
             optimiser.step()
         return self
 
-    def predict(self, features: np.ndarray, chunk: int = 1 << 18) -> np.ndarray:
-        """Class probabilities ``(n_classes, *features.shape[:-1])`` float32."""
+    def state(self) -> dict[str, np.ndarray]:
+        """The fitted head as named float32 arrays (to keep it in the prompt cache)."""
+        arrays = {f"net.{k}": v.detach().cpu().numpy() for k, v in self.net.state_dict().items()}
+        return dict(arrays, mean=self.mean.cpu().numpy(), std=self.std.cpu().numpy())
+
+    def load(self, state: dict[str, np.ndarray]) -> "AppearanceHead":
+        """This head with the weights of ``state()`` (bit for bit the head that was fitted)."""
         import torch
 
+        features = state["mean"].shape[0]
+        self.net = torch.nn.Sequential(
+            torch.nn.Linear(features, self.hidden), torch.nn.ReLU(),
+            torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
+            torch.nn.Linear(self.hidden, self.n_classes)).to(self.device)
+        self.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in state.items() if k.startswith("net.")})
+        self.mean = torch.from_numpy(state["mean"]).to(self.device)
+        self.std = torch.from_numpy(state["std"]).to(self.device)
+        return self
+
+    def predict(self, features: np.ndarray, chunk: int = 1 << 15) -> np.ndarray:
+        """Class probabilities ``(n_classes, *features.shape[:-1])`` float32.
+
+        The normalisation is folded into the first layer and the pixels go through in chunks of
+        32k, whose activations stay in the CPU's cache (3x faster than 256k chunks on one core).
+        """
+        import torch
+
+        first, second, third = self.net[0], self.net[2], self.net[4]
         flat = features.reshape(-1, features.shape[-1])
-        out = np.empty((flat.shape[0], self.n_classes), dtype=np.float32)
+        out = np.empty((self.n_classes, flat.shape[0]), dtype=np.float32)
         with torch.no_grad():
+            w1 = first.weight / self.std
+            b1 = first.bias - w1 @ self.mean
+            w1, w2, w3 = w1.T.contiguous(), second.weight.T.contiguous(), third.weight.T.contiguous()
             for start in range(0, flat.shape[0], chunk):
-                x = torch.from_numpy(flat[start:start + chunk]).to(self.device)
-                logits = self.net((x - self.mean) / self.std)
-                out[start:start + chunk] = torch.softmax(logits, dim=1).cpu().numpy()
-        return np.moveaxis(out, 1, 0).reshape((self.n_classes,) + features.shape[:-1])
+                x = torch.from_numpy(np.ascontiguousarray(flat[start:start + chunk], dtype=np.float32))
+                hidden = torch.addmm(b1, x.to(self.device), w1).relu_()
+                hidden = torch.addmm(second.bias, hidden, w2).relu_()
+                logits = torch.addmm(third.bias, hidden, w3)
+                out[:, start:start + chunk] = torch.softmax(logits, dim=1).T.cpu().numpy()
+        return out.reshape((self.n_classes,) + features.shape[:-1])
 
 
 def _balanced_sample(classes: np.ndarray, total: int, rng) -> np.ndarray:
@@ -152,6 +181,22 @@ def clean_up(classes: np.ndarray, compact: set[int], anchor: Optional[np.ndarray
             keep = np.isin(lab, touched)
             out[mask & ~keep] = 0
             mask = keep
-        filled = np.stack([ndi.binary_fill_holes(m) for m in mask])
-        out[filled & (out == 0)] = k
+        out[_fill_holes_per_slice(mask) & (out == 0)] = k
     return out
+
+
+def _fill_holes_per_slice(mask: np.ndarray) -> np.ndarray:
+    """``ndi.binary_fill_holes`` of each slice, run on the mask's bounding box plus a 1-pixel ring.
+
+    Same result as on the whole slice (everything outside the box is background joined to the
+    border through the ring), at a fraction of the cost for an organ in a large slice.
+    """
+    filled = np.zeros_like(mask)
+    for z, one in enumerate(mask):
+        rows, cols = np.flatnonzero(one.any(1)), np.flatnonzero(one.any(0))
+        if rows.size == 0:
+            continue
+        y0, y1 = max(rows[0] - 1, 0), min(rows[-1] + 2, one.shape[0])
+        x0, x1 = max(cols[0] - 1, 0), min(cols[-1] + 2, one.shape[1])
+        filled[z, y0:y1, x0:x1] = ndi.binary_fill_holes(one[y0:y1, x0:x1])
+    return filled

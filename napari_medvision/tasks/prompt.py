@@ -20,14 +20,16 @@ import numpy as np
 from ..engine.progress import CancelToken, ProgressFn, check, report
 from ..volume import Volume
 from . import _prompt_runs as runs
-from ._features import as_slices, dino_features, intensity_features, load_backbone, normalised
+from ._features import as_slices, intensity_features, load_backbone, normalised
+from ._prompt_cache import VolumeCache
 from ._refine import compact_labels
 
 
 def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] = None,
            annotations: Optional[Volume] = None, model=None, *, annotated_slices: Optional[Sequence[int]] = None,
            labels: Optional[Sequence[int | str]] = None, variant: Optional[str] = None, device: Optional[str] = None,
-           progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None) -> Volume:
+           progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
+           cache: bool = True) -> Volume:
     """Labels Volume on ``volume``'s grid, one label per structure in the prompt, names kept.
 
     examples: ``[(image, mask), ...]`` other scans (same modality) with their label maps.
@@ -38,9 +40,14 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     labels: restrict to these label ids or names (default: every label in the prompt).
     variant: use this variant instead of the leave-one-out choice (then nothing is checked):
         "propagation" (annotations) / "registration" (examples), "appearance" or "combined:<w>".
+    cache: keep what depends on the pixels only (demons fields between slices, the DINO PCA,
+        fitted heads) in ``$MEDVISION_HOME/cache/embeddings`` and reuse it on the next prompt of
+        the same volume (one more slice painted: only the prompt-dependent part is redone).
+        ``False``: compute everything; the result is the same either way.
     Returns ``meta["expected_dice"]`` ``{name: Dice or None}`` from leave-one-out (None when the
     prompt has a single slice or example), ``meta["choice"]`` (the variant used) and
-    ``meta["leave_one_out"]`` (every variant's mean Dice).
+    ``meta["leave_one_out"]`` (every variant's mean Dice) and ``meta["cached"]`` (which of the
+    target's pixel-only results were read from the cache, e.g. ``["prompt-demons"]``).
     """
     from ..engine.device import resolve_device
 
@@ -53,18 +60,18 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
         raise ValueError(f"variant must be one of {runs.variants(prior)}, not {variant!r}")
     device = resolve_device(device)
     backbone = load_backbone(model)
+    store = VolumeCache(volume, enabled=cache)
     if annotations is not None:
         return _from_annotations(volume, annotations, annotated_slices, labels, backbone, device, progress, cancel,
-                                 variant)
-    return _from_examples(volume, list(examples), labels, backbone, device, progress, cancel, variant)
+                                 variant, store)
+    return _from_examples(volume, list(examples), labels, backbone, device, progress, cancel, variant, store)
 
 
 # --- annotated slices ---------------------------------------------------------------------------
 
 def _from_annotations(volume, annotations, annotated_slices, wanted_labels, backbone, device, progress, cancel,
-                      variant=None):
-    from ._propagate import slice_displacements
-
+                      variant=None, store=None):
+    store = store or VolumeCache(volume, enabled=False)
     if not isinstance(annotations, Volume):
         raise ValueError("annotations must be a labels Volume on the image's grid")
     if volume.ndim != 3:
@@ -96,15 +103,16 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     n_folds = len(annotated) if len(annotated) >= 2 and variant is None else 0
     total = depth - 1 + n_folds + 2
     report(progress, 0, total, "computing image features")
-    slices, features, _ = _features(volume, backbone, device, cancel)
+    slices, features, _ = _features(volume, backbone, device, cancel, store=store)
     report(progress, 1, total, "following the anatomy from slice to slice")
-    displacements = slice_displacements(slices.mean(-1), progress=progress, cancel=cancel, step=(1, total))
+    displacements = _displacements(slices, store, progress, cancel, (1, total))
+    report(progress, depth, total, "following the anatomy from slice to slice")
 
     scores = {v: [] for v in runs.variants("propagation")}
     for i, hidden in enumerate(annotated if n_folds else []):
         rest = [a for a in annotated if a != hidden]
         maps = runs.from_annotations(features, displacements, classes, rest, n_classes, compact, list(scores),
-                                     device, cancel)
+                                     device, cancel, store)
         for name, pred in maps.items():
             scores[name].append(runs.overlap_per_class(pred[hidden], classes[hidden], n_classes))
         report(progress, depth + i, total, f"checking: slice {hidden} hidden")
@@ -112,15 +120,16 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     # annotated organ is from a look-alike elsewhere in the body.
     choice = variant or _choose(scores, default="combined:2", allowed=[v for v in scores if v != "appearance"])
     result = runs.from_annotations(features, displacements, classes, annotated, n_classes, compact, [choice],
-                                   device, cancel)[choice]
+                                   device, cancel, store)[choice]
     report(progress, total, total, "done")
-    meta = {"prompt": "annotations", "annotated_slices": annotated}
+    meta = {"prompt": "annotations", "annotated_slices": annotated, "cached": list(store.hits)}
     return _result(volume, result, ids, names, scores, choice, meta)
 
 
 # --- example scans ------------------------------------------------------------------------------
 
-def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel, variant=None):
+def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel, variant=None, store=None):
+    store = store or VolumeCache(volume, enabled=False)
     if not examples:
         raise ValueError("examples= is empty: give at least one (image, mask) pair")
     for i, pair in enumerate(examples):
@@ -137,10 +146,10 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
         report(progress, done[0], total, message)
 
     report(progress, 0, total, "computing image features")
-    target_slices, target_features, basis = _features(volume, backbone, device, cancel)
+    target_slices, target_features, basis = _features(volume, backbone, device, cancel, store=store)
     prepared = []
     for (image, _), classes in zip(examples, example_classes):
-        slices, feats, _ = _features(image, backbone, device, cancel, basis)
+        slices, feats, _ = _features(image, backbone, device, cancel, basis, VolumeCache(image, store.enabled))
         prepared.append((image, slices.mean(-1), feats, classes.reshape(slices.shape[:3])))
         step("computing image features")
     step("registering examples")
@@ -172,7 +181,7 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
                                 [p[3] for p in prepared], n_classes, compact, [choice], device, cancel)[choice]
     report(progress, total, total, "done")
     return _result(volume, result.reshape(volume.spatial_shape), ids, names, scores, choice,
-                   {"prompt": "examples", "n_examples": n})
+                   {"prompt": "examples", "n_examples": n, "cached": list(store.hits)})
 
 
 def _register_example(target, target_grey, image, grey, classes, n_classes):
@@ -193,15 +202,50 @@ def _register_example(target, target_grey, image, grey, classes, n_classes):
 
 # --- shared -------------------------------------------------------------------------------------
 
-def _features(volume, backbone, device, cancel, basis=None):
-    """``(normalised slices (n, y, x, c), features (n, y, x, F), DINO PCA basis or None)``."""
+def _features(volume, backbone, device, cancel, basis=None, store=None):
+    """``(normalised slices (n, y, x, c), features (n, y, x, F) float32, DINO PCA basis or None)``.
+
+    store: a ``VolumeCache`` for ``volume`` (None: compute everything); the DINO PCA is cached
+    only where the volume sets its own basis (a target, not an example read in the target's).
+    """
+    from dataclasses import asdict
+
+    from ..engine.embeddings import EmbeddingConfig
+    from ._features import DINO_COMPONENTS, dino_pixels, dino_reduced
+
     check(cancel)
+    store = store or VolumeCache(volume, enabled=False)
     slices = as_slices(normalised(volume), volume.rgb)
+    # Not cached: computing the filters costs ~25 ms per 256x256 slice, storing them 40 bytes per
+    # voxel (3 GB for a 300x512x512 CT) for no measurable gain.
     features = intensity_features(slices)
     if backbone is not None:
-        dino, basis = dino_features(volume, backbone, device, cancel=cancel, basis=basis)
+        def reduce():
+            reduced, (mean, components) = dino_reduced(volume, backbone, device, cancel=cancel)
+            return {"reduced": reduced, "mean": mean, "components": components}
+
+        if basis is None:
+            params = {"version": "dino-pca-1", "backbone": backbone.checksum, "components": DINO_COMPONENTS,
+                      "config": asdict(EmbeddingConfig())}
+            got = store.get("prompt-dino-pca", params, {"reduced": (None, "float32"), "mean": (None, "float32"),
+                                                        "components": (None, "float32")}, reduce)
+            reduced, basis = got["reduced"], (got["mean"], got["components"])
+        else:
+            reduced, basis = dino_reduced(volume, backbone, device, cancel=cancel, basis=basis)
+        dino = dino_pixels(reduced, slices.shape[1:3], backbone)
         features = np.concatenate([features, dino], axis=-1)
     return slices, features, basis
+
+
+def _displacements(slices, store, progress, cancel, step):
+    """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
+    from ._propagate import demons_key, slice_displacements
+
+    z, y, x = slices.shape[:3]
+    got = store.get("prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")},
+                    lambda: {"displacements": slice_displacements(slices.mean(-1), progress=progress, cancel=cancel,
+                                                                  step=step)})
+    return got["displacements"]
 
 
 def _compact_in_all(example_classes, n_classes):

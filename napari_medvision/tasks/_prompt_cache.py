@@ -1,0 +1,80 @@
+"""Prompt-independent work on one volume, kept on disk so that painting one more slice is quick.
+
+Prompting a volume again (one more slice painted, another label) repeats work that depends on the
+pixels only: the demons fields between neighbouring slices and the PCA of the DINO features
+(the per-pixel filter responses are cheaper to recompute than to store). They are stored beside the DINO embeddings, in the same verified zarr
+format (``engine.embeddings.read_arrays``: marker written last, shapes, dtypes and a CRC32 of every
+byte checked; anything that does not match is deleted and recomputed, never trusted)::
+
+    $MEDVISION_HOME/cache/embeddings/<key>.zarr
+
+The key joins the volume's content hash (every voxel), its modality (it sets the normalisation)
+and what was computed with which settings (``kind`` and ``params``, with a version string that is
+bumped when the code changes meaning).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Callable, Optional
+
+import numpy as np
+
+from ..engine import embeddings
+from ..volume import Volume
+
+Expect = dict[str, tuple[Optional[tuple[int, ...]], str]]
+
+
+class VolumeCache:
+    """Read-or-compute of named arrays for one volume; ``enabled=False`` always computes.
+
+    hits / misses: the kinds read from the cache and those computed in this prompt (for tests
+    and the benchmark).
+    """
+
+    def __init__(self, volume: Volume, enabled: bool = True):
+        self.volume, self.enabled = volume, enabled
+        self.hits: list[str] = []
+        self.misses: list[str] = []
+        self._hash: Optional[str] = None
+
+    def key(self, kind: str, params: dict) -> str:
+        if self._hash is None:
+            self._hash = embeddings.content_hash(self.volume.data, bool(self.volume.rgb))
+        text = json.dumps([embeddings.CACHE_FORMAT, kind, self._hash, self.volume.modality, bool(self.volume.rgb),
+                           params], sort_keys=True, default=str)
+        return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
+
+    def get(self, kind: str, params: dict, expect: Expect,
+            compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+        """``compute()``'s arrays, read from the cache when an intact entry exists, else computed and stored.
+
+        expect: ``{name: (shape or None, dtype)}``; ``None`` takes the shape recorded in the entry
+        (still checked against the stored array and its checksum).
+        """
+        if not self.enabled:
+            return compute()
+        key = self.key(kind, params)
+        path = embeddings.cache_dir() / f"{key}.zarr"
+        found = embeddings.read_arrays(path, key, {n: (s if s is not None else _recorded(path, n), d)
+                                                   for n, (s, d) in expect.items()})
+        if found is not None:
+            self.hits.append(kind)
+            return found
+        arrays = {n: np.asarray(a, dtype=expect[n][1]) for n, a in compute().items()}
+        embeddings.write_arrays(path, key, arrays)
+        self.misses.append(kind)
+        return arrays
+
+
+def _recorded(path, name) -> tuple[int, ...]:
+    """The shape an entry's marker records for ``name`` (``()`` when unreadable: verification then fails)."""
+    try:
+        import zarr
+
+        marker = dict(zarr.open_group(str(path), mode="r").attrs.get(embeddings.MARKER) or {})
+        return tuple(marker["arrays"][name]["shape"])
+    except Exception:  # a missing or broken entry: read_arrays removes it
+        return ()
