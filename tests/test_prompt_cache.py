@@ -106,3 +106,25 @@ def test_hole_filling_on_the_bounding_box_matches_scipy_on_the_whole_slice():
     masks[5] = False  # and an empty one
 
     np.testing.assert_array_equal(_fill_holes_per_slice(masks), np.stack([ndi.binary_fill_holes(m) for m in masks]))
+
+
+def test_the_cache_keeps_under_its_size_cap_dropping_the_least_recently_used(tmp_path, monkeypatch):
+    import os
+    import time
+
+    from napari_medvision.engine.embeddings import read_arrays, write_arrays
+
+    monkeypatch.setenv("MEDVISION_CACHE_GB", "0.0025")  # 2.5 MB: room for two 1 MB entries
+    block = {"a": np.random.default_rng(0).random((4, 256, 128))}  # 1 MB of float64
+    paths = {name: tmp_path / f"{name}.zarr" for name in "ABC"}
+    write_arrays(paths["A"], "A", block)
+    write_arrays(paths["B"], "B", block)
+    now = time.time()
+    os.utime(paths["A"], (now - 100, now - 100))
+    os.utime(paths["B"], (now - 50, now - 50))
+    assert read_arrays(paths["A"], "A", {"a": ((4, 256, 128), "float64")}) is not None  # A used just now
+
+    write_arrays(paths["C"], "C", block)
+
+    assert paths["A"].is_dir() and paths["C"].is_dir()
+    assert not paths["B"].exists()  # least recently used

@@ -244,6 +244,7 @@ def read_arrays(path: Path, key: str, expect: dict[str, tuple[list[int], str]]) 
             out[name] = values
         else:
             if ok:
+                _touch(path)
                 return out
     except Exception:  # any read error means "not usable": recompute rather than trust it
         pass
@@ -273,10 +274,51 @@ def write_arrays(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
         group.attrs[MARKER] = {"complete": True, "key": key, "arrays": listed, "format": CACHE_FORMAT}
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
+        prune(path.parent, keep=path)
     except OSError:
         pass  # a read-only or full disk costs speed next time, never the result
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def cache_limit_bytes() -> int:
+    """Size cap of the cache folder: ``$MEDVISION_CACHE_GB`` gigabytes (default 20)."""
+    try:
+        return int(float(os.environ.get("MEDVISION_CACHE_GB", "20")) * 1e9)
+    except ValueError:
+        return int(20e9)
+
+
+def prune(folder: Path, keep: Optional[Path] = None, limit: Optional[int] = None) -> list[Path]:
+    """Remove the least recently used entries until the folder fits ``limit`` bytes; return them.
+
+    A 300x512x512 CT costs ~0.6 GB of demons fields plus its DINO features, so without a cap the
+    cache grows with every new scan. ``keep`` (the entry just written) is never removed.
+    """
+    limit = cache_limit_bytes() if limit is None else limit
+    entries = []
+    for entry in folder.glob("*.zarr"):
+        size = sum(f.stat().st_size for f in entry.rglob("*") if f.is_file())
+        entries.append((entry.stat().st_mtime, size, entry))
+    total = sum(size for _, size, _ in entries)
+    removed = []
+    for _, size, entry in sorted(entries):
+        if total <= limit:
+            break
+        if keep is not None and entry == keep:
+            continue
+        shutil.rmtree(entry, ignore_errors=True)
+        total -= size
+        removed.append(entry)
+    return removed
+
+
+def _touch(path: Path) -> None:
+    """Mark an entry as used now (the cap removes the least recently used first)."""
+    try:
+        os.utime(path)
+    except OSError:
+        pass
 
 
 # --- public ----------------------------------------------------------------------------------
