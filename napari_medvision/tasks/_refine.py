@@ -29,22 +29,14 @@ class AppearanceHead:
         import torch
 
         rng = np.random.default_rng(self.seed)
-        picked = _balanced_sample(classes, MAX_SAMPLES, rng)
+        picked = balanced_sample(classes, MAX_SAMPLES, rng)
         x = torch.from_numpy(features[picked].astype(np.float32)).to(self.device)
         y = torch.from_numpy(classes[picked].astype(np.int64)).to(self.device)
         self.mean, self.std = x.mean(0), x.std(0).clamp_min(1e-4)
-        counts = torch.bincount(y, minlength=self.n_classes).float()
-        # Sampling balanced the classes; weighting by sqrt(frequency) gives back part of the prior
-        # odds, so a rare label is neither drowned nor painted everywhere.
-        freq = torch.from_numpy(np.bincount(classes, minlength=self.n_classes) / len(classes)).float()
-        weight = (freq.sqrt() / counts.clamp_min(1) * len(y)).to(self.device)
-        weight = torch.where(counts.to(self.device) > 0, weight / weight[counts.to(self.device) > 0].mean(), weight)
+        weight = class_weights(classes, classes[picked], self.n_classes).to(self.device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            self.net = torch.nn.Sequential(
-                torch.nn.Linear(x.shape[1], self.hidden), torch.nn.ReLU(),
-                torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
-                torch.nn.Linear(self.hidden, self.n_classes)).to(self.device)
+            self.net = _mlp(x.shape[1], self.n_classes, self.hidden).to(self.device)
         optimiser = torch.optim.Adam(self.net.parameters(), lr=1e-2, weight_decay=1e-4)
         loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
         xs = (x - self.mean) / self.std
@@ -65,10 +57,7 @@ class AppearanceHead:
         import torch
 
         features = state["mean"].shape[0]
-        self.net = torch.nn.Sequential(
-            torch.nn.Linear(features, self.hidden), torch.nn.ReLU(),
-            torch.nn.Linear(self.hidden, self.hidden), torch.nn.ReLU(),
-            torch.nn.Linear(self.hidden, self.n_classes)).to(self.device)
+        self.net = _mlp(features, self.n_classes, self.hidden).to(self.device)
         self.net.load_state_dict({k[4:]: torch.from_numpy(v) for k, v in state.items() if k.startswith("net.")})
         self.mean = torch.from_numpy(state["mean"]).to(self.device)
         self.std = torch.from_numpy(state["std"]).to(self.device)
@@ -98,7 +87,28 @@ class AppearanceHead:
         return out.reshape((self.n_classes,) + features.shape[:-1])
 
 
-def _balanced_sample(classes: np.ndarray, total: int, rng) -> np.ndarray:
+def _mlp(n_features: int, n_classes: int, hidden: int):
+    """The head's layers: the same MLP a stored head (``models.appearance_head``) keeps."""
+    from ..models.appearance_head import AppearanceHeadNet
+
+    return AppearanceHeadNet(n_features, n_classes, hidden).mlp
+
+
+def class_weights(classes: np.ndarray, sampled: np.ndarray, n_classes: int):
+    """Cross-entropy weights for a class-balanced sample ``sampled`` of ``classes`` (a float tensor).
+
+    Sampling balanced the classes; weighting by sqrt(frequency) gives back part of the prior
+    odds, so a rare label is neither drowned nor painted everywhere.
+    """
+    import torch
+
+    counts = torch.bincount(torch.from_numpy(sampled.astype(np.int64)), minlength=n_classes).float()
+    freq = torch.from_numpy(np.bincount(classes, minlength=n_classes) / len(classes)).float()
+    weight = freq.sqrt() / counts.clamp_min(1) * len(sampled)
+    return torch.where(counts > 0, weight / weight[counts > 0].mean(), weight)
+
+
+def balanced_sample(classes: np.ndarray, total: int, rng) -> np.ndarray:
     present = np.unique(classes)
     per_class = max(1, total // len(present))
     picked = []

@@ -60,6 +60,7 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
 
     from ..engine.device import resolve_device
     from ..models.registry import load_model, save_model, user_dir, weights_dir
+    from ._refine import balanced_sample, class_weights
     from .finetune import _check_new_id, _check_writable, check_corrections, split_slices
 
     started = time.perf_counter()
@@ -87,16 +88,11 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
 
     steps = int(steps or DEFAULT_STEPS)
     rng = np.random.default_rng(seed)
-    picked = _balanced(train_y, SAMPLES, rng)
+    picked = balanced_sample(train_y, SAMPLES, rng)
     x = torch.from_numpy(train_x[picked].astype(np.float32)).to(device)
     y = torch.from_numpy(train_y[picked].astype(np.int64)).to(device)
     n_classes = int(parent.architecture["config"]["n_classes"])
-    freq = np.bincount(train_y, minlength=n_classes) / len(train_y)
-    counts = np.bincount(train_y[picked], minlength=n_classes)
-    # balanced sampling, then sqrt-frequency weights: a rare label is neither drowned nor painted
-    # everywhere (as the per-prompt head does, _refine.AppearanceHead)
-    weight = np.where(counts > 0, np.sqrt(freq) / np.maximum(counts, 1) * len(picked), 0.0)
-    weight = torch.tensor(weight / weight[counts > 0].mean(), dtype=torch.float32, device=device)
+    weight = class_weights(train_y, train_y[picked], n_classes).to(device)  # as the per-prompt head weighs
     torch.manual_seed(seed)
     optimiser = torch.optim.Adam(network.mlp.parameters(), lr=LEARNING_RATE[fresh], weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
@@ -247,14 +243,6 @@ def _new_network(card: ModelCard, features: np.ndarray):
     network.mean.copy_(torch.from_numpy(sample.mean(0)))
     network.std.copy_(torch.from_numpy(sample.std(0)).clamp_min(1e-4))
     return network
-
-
-def _balanced(classes: np.ndarray, total: int, rng) -> np.ndarray:
-    present = np.unique(classes)
-    per_class = max(1, total // len(present))
-    picked = [w if len(w) <= per_class else rng.choice(w, per_class, replace=False)
-              for w in (np.flatnonzero(classes == c) for c in present)]
-    return np.concatenate(picked)
 
 
 def _dice(network, val, card: ModelCard, device: str) -> float:
