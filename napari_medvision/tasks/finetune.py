@@ -102,7 +102,7 @@ def finetune(
 
     from ..engine.device import resolve_device
     from ..engine.training import TrainConfig, train_segmentation
-    from ..models.registry import get_card, load_model, save_model, user_dir, weights_dir
+    from ..models.registry import get_card, load_model, save_model
 
     from .prompt_head import finetune_head, is_head
 
@@ -118,10 +118,7 @@ def finetune(
                              cancel=cancel, seed=seed, new_id=new_id, folder=folder, on_validation=on_validation)
     slices = check_corrections(parent, images, labels, slices)
     device = resolve_device(device)
-    new_id = new_id or f"{parent.id}-ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    folder = Path(folder) if folder is not None else user_dir()
-    _check_new_id(new_id, parent, folder, weights_dir())
-    _check_writable(folder)
+    new_id, folder = destination(parent, parent.id, new_id, folder)
 
     report(progress, 0, 1, "preparing the corrected slices")
     data = prepare_corrections(parent, images, labels, slices)
@@ -260,6 +257,17 @@ def check_corrections(card: ModelCard, images, labels, slices) -> list[list[int]
         raise ValueError("no corrections to learn from: the label maps hold no labelled slice; paint the "
                          "corrections (or give slices=) first")
     return chosen
+
+
+def destination(parent: ModelCard, prefix: str, new_id: Optional[str], folder) -> tuple[str, Path]:
+    """The new model's id (default ``<prefix>-ft-<date-time>``) and folder, checked before any training."""
+    from ..models.registry import user_dir, weights_dir
+
+    new_id = new_id or f"{prefix}-ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
+    folder = Path(folder) if folder is not None else user_dir()
+    _check_new_id(new_id, parent, folder, weights_dir())
+    _check_writable(folder)
+    return new_id, folder
 
 
 def _check_new_id(new_id: str, parent: ModelCard, folder: Path, shipped: Path) -> None:

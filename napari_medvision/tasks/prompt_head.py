@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import time
 from datetime import datetime
-from pathlib import Path
 from typing import Optional
 
 import numpy as np
@@ -59,9 +58,9 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     import torch
 
     from ..engine.device import resolve_device
-    from ..models.registry import load_model, save_model, user_dir, weights_dir
+    from ..models.registry import load_model, save_model
     from ._refine import balanced_sample, class_weights
-    from .finetune import _check_new_id, _check_writable, check_corrections, split_slices
+    from .finetune import check_corrections, destination, split_slices
 
     started = time.perf_counter()
     images, labels = list(images), list(labels)
@@ -69,10 +68,7 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     parent = _new_head_card(images, labels) if fresh else model
     slices = check_corrections(parent, images, labels, slices)
     device = resolve_device(device)
-    new_id = new_id or f"{NEW_HEAD if fresh else parent.id}-ft-{datetime.now().strftime('%Y%m%d-%H%M%S')}"
-    folder = Path(folder) if folder is not None else user_dir()
-    _check_new_id(new_id, parent, folder, weights_dir())
-    _check_writable(folder)
+    new_id, folder = destination(parent, NEW_HEAD if fresh else parent.id, new_id, folder)
 
     report(progress, 0, 1, "computing features of the corrected slices")
     train_slices, val_slices = split_slices(slices)
@@ -141,6 +137,8 @@ def segment_with_head(volume: Volume, network, card: ModelCard, device: str = "c
     """Labels Volume on ``volume``'s grid: the head's most likely class at every pixel, slice by slice."""
     import torch
 
+    from ._refine import clean_up
+
     n = volume.spatial_shape[0] if volume.ndim == 3 else 1
     out = np.zeros((n,) + tuple(volume.spatial_shape[-2:]), dtype=np.uint8 if len(card.labels or {}) < 255
                    else np.uint16)
@@ -153,7 +151,9 @@ def segment_with_head(volume: Volume, network, card: ModelCard, device: str = "c
             logits = network(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)).to(device))
         out[chunk] = logits.argmax(1).cpu().numpy().reshape(feats.shape[:-1])
         report(progress, chunk[-1] + 1, n, "segmenting slices")
-    _keep_largest_pieces(out if volume.ndim == 3 else out[0], card.input.get("one_piece_labels", []))
+    # The head judges pixels alone and paints look-alike tissue elsewhere: one-piece labels keep
+    # their largest component only, holes filled (the prompt's own clean-up, with no anchor).
+    out = clean_up(out, set(card.input.get("one_piece_labels", [])))
     result = volume.with_data(out if volume.ndim == 3 else out[0], labels=dict(card.labels or {}), rgb=False)
     result.meta["model"] = card.id
     return result
@@ -199,24 +199,6 @@ def _one_piece_labels(images, labels, slices, share: float = 0.8) -> list[int]:
                 sizes = np.bincount(pieces.ravel())[1:]
                 shares.setdefault(k, []).append(float(sizes.max() / sizes.sum()))
     return [k for k, v in sorted(shares.items()) if np.mean(v) >= share]
-
-
-def _keep_largest_pieces(labels: np.ndarray, one_piece: list[int]) -> None:
-    """In place: for each one-piece label, only its largest connected component (3D for volumes) stays,
-    holes in it filled; the head judges pixels alone and paints look-alike tissue elsewhere."""
-    from scipy import ndimage as ndi
-
-    for k in one_piece:
-        mask = labels == k
-        if not mask.any():
-            continue
-        pieces, n = ndi.label(mask)
-        if n > 1:
-            largest = 1 + int(np.argmax(np.bincount(pieces.ravel())[1:]))
-            labels[mask & (pieces != largest)] = 0
-            mask = pieces == largest
-        filled = ndi.binary_fill_holes(mask)
-        labels[filled & (labels == 0)] = k
 
 
 def _pixels(images, labels, slices, cancel) -> tuple[np.ndarray, np.ndarray]:
