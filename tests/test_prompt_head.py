@@ -54,7 +54,7 @@ def test_a_head_from_three_corrected_ct_slices_segments_the_rest_and_improves_on
     seg = mv.segment(ct, model="ct-head", device="cpu")
     assert seg.labels == ORGANS and seg.spatial_shape == ct.spatial_shape
     before = mean_dice(np.asarray(seg.data), truth, unseen)
-    assert before > 0.62  # measured 0.72 (liver 0.87)
+    assert before > 0.62  # measured 0.714 with this seed (0.76 mean of seeds 0-2; liver 0.87)
 
     child = mv.finetune("ct-head", images=[ct], labels=[corrected(more)], slices=[more], device="cpu",
                         new_id="ct-head-2")
@@ -62,7 +62,7 @@ def test_a_head_from_three_corrected_ct_slices_segments_the_rest_and_improves_on
     scores = next(iter(child.metrics.values()))
     assert set(scores) == {"before fine-tuning", "after fine-tuning"}
     after = mean_dice(np.asarray(mv.segment(ct, model="ct-head-2", device="cpu").data), truth, unseen)
-    assert after > before + 0.01  # measured 0.72 -> 0.76
+    assert after > before + 0.01  # measured 0.714 -> 0.793 with this seed
     assert hashlib.sha256(head.weights_path.read_bytes()).hexdigest() == first_weights  # parent untouched
 
 

@@ -75,6 +75,7 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     train_x, train_y = _pixels(images, labels, train_slices, cancel)
     val = [(pixel_features(im, s), np.asarray(lab.data)[s] if im.ndim == 3 else np.asarray(lab.data)[None])
            for im, lab, s in zip(images, labels, val_slices) if s]
+    torch.manual_seed(seed)  # the new head's initial weights, then the training: same seed, same head
     if fresh:
         network = _new_network(parent, train_x)
     else:
@@ -89,7 +90,6 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     y = torch.from_numpy(train_y[picked].astype(np.int64)).to(device)
     n_classes = int(parent.architecture["config"]["n_classes"])
     weight = class_weights(train_y, train_y[picked], n_classes).to(device)  # as the per-prompt head weighs
-    torch.manual_seed(seed)
     optimiser = torch.optim.Adam(network.mlp.parameters(), lr=LEARNING_RATE[fresh], weight_decay=1e-4)
     loss_fn = torch.nn.CrossEntropyLoss(weight=weight)
     history = []
