@@ -116,6 +116,22 @@ def test_mr_partial_volume_fractions_sum_to_one(mr):
     assert 0.5 < counts[2] / counts[3] < 2.0  # grey and white matter of similar volume, as in adults
 
 
+def test_mr_random_contrast_keeps_the_tissues_apart_and_varies_their_order(mr):
+    """SynthSeg-style images: one anatomy, a different tissue order per seed, same image for a seed."""
+    from napari_medvision.synthetic.brain import random_contrast
+
+    _, labels = mr
+    label_ids, fractions = np.asarray(labels.data), labels.meta["fractions"]
+    orders = set()
+    for seed in range(8):
+        image = random_contrast(fractions, seed)
+        assert image.shape == label_ids.shape and image.dtype == np.float32 and image.min() >= 0
+        means = [float(np.median(image[label_ids == k])) for k in (1, 2, 3)]  # CSF, GM, WM
+        orders.add(tuple(np.argsort(means)))
+    assert len(orders) >= 3  # white matter is not always the brightest, nor CSF the darkest
+    np.testing.assert_array_equal(random_contrast(fractions, 3), random_contrast(fractions, 3))
+
+
 def test_mr_from_the_mni152_template(data_dir):
     images, labels = brain_mr(seed=0, template=data_dir / "mri_brain_mni152", contrasts=("T1",), **MR_SMALL)
     counts = np.bincount(labels.data.ravel(), minlength=4)

@@ -297,3 +297,53 @@ def _simulate(rng, fractions, contrasts, relaxation, shape, noise, bias):
         magnitude = np.sqrt(real ** 2 + imag ** 2)  # Rician: the magnitude of complex Gaussian noise
         images[contrast] = (magnitude * np.float32(1000.0)).astype(np.float32)
     return images
+
+
+TISSUE_ORDERS = {"T1": ("CSF", "grey matter", "white matter"), "T2": ("white matter", "grey matter", "CSF")}
+
+
+def random_contrast(fractions: dict[str, np.ndarray], seed: int | np.random.Generator = 0,
+                    min_tissue_gap: float = 0.1, order: str | None = None) -> np.ndarray:
+    """An MR-like image of any contrast from tissue fractions: every tissue gets a random mean.
+
+    Domain randomisation after SynthSeg (Billot et al., Med. Image Anal. 2023): a network trained
+    on these learns tissue *shapes and boundaries*, not where one scanner's tissues sit in the
+    intensity range, so it transfers to contrasts the signal equations here do not model (a
+    gradient-echo T1 or an averaged template with white matter brightest). MONAI has the
+    augmentations but no label-to-image generator, hence this function.
+
+    fractions: partial-volume fraction per tissue name in ``TISSUES`` (``labels.meta["fractions"]``
+        of ``brain_mr``), all of one shape.
+    min_tissue_gap: CSF, grey and white matter means differ by at least this much (of a 0-1
+        range), so the three labels are always visible.
+    order: ``None`` for any order of the brain tissues, or ``"T1"`` (CSF < GM < WM, as in T1-weighted
+        scans and templates) / ``"T2"`` (WM < GM < CSF, also PD) to keep that order while their
+        levels, gaps and every other tissue (fat, muscle, bone, skin) stay random.
+    Returns float32 in roughly 0-1: random means, per-tissue texture, blur (a random
+    resolution), a smooth bias field, Gaussian noise and a random gamma.
+    """
+    rng = make_rng(seed)
+    shape = fractions["CSF"].shape
+    while True:
+        means = {name: float(rng.uniform(0.0, 1.0)) for name in TISSUES}
+        if order is not None:
+            levels = sorted(means[n] for n in TISSUE_ORDERS[order])
+            means.update(zip(TISSUE_ORDERS[order], levels))
+        brain = [means[n] for n in ("CSF", "grey matter", "white matter")]
+        if min(abs(a - b) for i, a in enumerate(brain) for b in brain[i + 1:]) >= min_tissue_gap:
+            break
+    means["air"] = float(rng.uniform(0.0, 0.1))
+    # Deep grey matter lies between cortical grey and white matter in every MR contrast.
+    means["deep grey matter"] = means["white matter"] + float(rng.uniform(0.3, 0.7)) * (
+        means["grey matter"] - means["white matter"])
+    image = np.zeros(shape, dtype=np.float32)
+    for name in TISSUES:
+        texture = np.float32(rng.uniform(0.0, 0.04)) * smooth_noise(rng, shape, 2.0)
+        image += fractions[name] * (np.float32(means[name]) + texture)
+    sigma = rng.uniform(0.0, 1.2, size=3)  # voxels: thicker slices or a softer scanner
+    image = ndi.gaussian_filter(image, sigma)
+    image *= np.exp(np.float32(rng.uniform(0.0, 0.3)) * smooth_noise(rng, shape, max(shape) * 0.8))
+    image += np.float32(rng.uniform(0.0, 0.04)) * rng.standard_normal(shape, dtype=np.float32)
+    image = np.clip(image, 0, None)
+    image /= max(float(np.percentile(image, 99.9)), 1e-6)
+    return (np.clip(image, 0, 1.5) ** np.float32(np.exp(rng.normal(0.0, 0.25)))).astype(np.float32)
