@@ -98,3 +98,18 @@ def test_head_keeps_only_one_piece_labels_whole_and_checks_what_it_is_given():
     with pytest.raises(ValueError, match="shape"):
         mv.finetune("prompt-head", images=[image], labels=[labels.with_data(np.zeros((6, 40, 48), np.uint8))],
                     device="cpu")
+
+
+def test_a_head_learns_from_the_corrected_rows_of_a_2d_photo():
+    """A 2D image: the corrected rows train the head (some held out), the whole photo is segmented."""
+    image, labels = two_tissue_slices()
+    photo, painted = image.with_data(np.asarray(image.data)[2], spacing=(1.0, 1.0), origin=(0.0, 0.0),
+                                     direction=np.eye(2)), labels.with_data(np.asarray(labels.data)[2],
+                                                                            spacing=(1.0, 1.0), origin=(0.0, 0.0),
+                                                                            direction=np.eye(2))
+    card = mv.finetune("prompt-head", images=[photo], labels=[painted], steps=60, device="cpu")
+    held_out = next(iter(card.metrics.values()))["after fine-tuning"]
+    assert held_out > 0.8 and card.training["data"]["volumes"][0]["validation_slices"]
+    seg = np.asarray(mv.segment(photo, model=card.id, device="cpu").data)
+    assert seg.shape == (48, 48)
+    assert mean_dice(seg[None], np.asarray(painted.data)[None], [0]) > 0.9

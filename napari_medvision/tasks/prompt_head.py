@@ -72,9 +72,10 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
 
     report(progress, 0, 1, "computing features of the corrected slices")
     train_slices, val_slices = split_slices(slices)
-    train_x, train_y = _pixels(images, labels, train_slices, cancel)
-    val = [(pixel_features(im, s), np.asarray(lab.data)[s] if im.ndim == 3 else np.asarray(lab.data)[None])
-           for im, lab, s in zip(images, labels, val_slices) if s]
+    train = [_corrected_pixels(im, lab, s, cancel) for im, lab, s in zip(images, labels, train_slices) if s]
+    train_x = np.concatenate([f.reshape(-1, f.shape[-1]) for f, _ in train])
+    train_y = np.concatenate([c.reshape(-1) for _, c in train]).astype(np.int64)
+    val = [_corrected_pixels(im, lab, s, cancel) for im, lab, s in zip(images, labels, val_slices) if s]
     torch.manual_seed(seed)  # the new head's initial weights, then the training: same seed, same head
     if fresh:
         network = _new_network(parent, train_x)
@@ -201,18 +202,13 @@ def _one_piece_labels(images, labels, slices, share: float = 0.8) -> list[int]:
     return [k for k, v in sorted(shares.items()) if np.mean(v) >= share]
 
 
-def _pixels(images, labels, slices, cancel) -> tuple[np.ndarray, np.ndarray]:
-    xs, ys = [], []
-    for image, label, picked in zip(images, labels, slices):
-        if not picked:
-            continue
-        check(cancel)
-        feats = pixel_features(image, picked if image.ndim == 3 else None)
-        lab = np.asarray(label.data)
-        lab = lab[picked] if image.ndim == 3 else lab[None]
-        xs.append(feats.reshape(-1, feats.shape[-1]))
-        ys.append(lab.reshape(-1).astype(np.int64))
-    return np.concatenate(xs), np.concatenate(ys)
+def _corrected_pixels(image: Volume, label: Volume, picked, cancel) -> tuple[np.ndarray, np.ndarray]:
+    """Features ``(..., F)`` and label ids of the corrected slices (3D) or rows (a 2D image)."""
+    check(cancel)
+    lab = np.asarray(label.data)
+    if image.ndim == 3:
+        return pixel_features(image, picked), lab[picked]
+    return pixel_features(image)[0][picked], lab[picked]
 
 
 def _new_network(card: ModelCard, features: np.ndarray):
