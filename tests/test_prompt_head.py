@@ -113,3 +113,19 @@ def test_a_head_learns_from_the_corrected_rows_of_a_2d_photo():
     seg = np.asarray(mv.segment(photo, model=card.id, device="cpu").data)
     assert seg.shape == (48, 48)
     assert mean_dice(seg[None], np.asarray(painted.data)[None], [0]) > 0.9
+
+
+def test_cancelling_a_head_mid_training_adds_no_model():
+    from napari_medvision.engine.progress import CancelToken, Cancelled
+
+    image, labels = two_tissue_slices()
+    token = CancelToken()
+
+    def cancel_at_step_50(done, total, message):
+        if total == 300 and done >= 50:
+            token.cancel()
+
+    with pytest.raises(Cancelled):
+        mv.finetune("prompt-head", images=[image], labels=[labels], slices=[[1, 2, 4]], device="cpu",
+                    new_id="cancelled-head", progress=cancel_at_step_50, cancel=token)
+    assert "cancelled-head" not in [card.id for card in mv.models.available()]
