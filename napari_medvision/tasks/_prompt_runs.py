@@ -73,8 +73,7 @@ def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: i
     params = {"version": "head-1", "pixels": digest.hexdigest(), "shape": list(x.shape), "classes": n_classes,
               "hidden": head.hidden, "steps": head.steps, "seed": head.seed, "samples": MAX_SAMPLES,
               "torch": torch.__version__, "device": str(device)}
-    names = ["net.0.weight", "net.0.bias", "net.2.weight", "net.2.bias", "net.4.weight", "net.4.bias", "mean", "std"]
-    state = store.get("prompt-head", params, {n: (None, "float32") for n in names},
+    state = store.get("prompt-head", params, {n: (None, "float32") for n in head.state_names(x.shape[1])},
                       lambda: AppearanceHead(n_classes, device=device).fit(x, y).state())
     return head.load(state)
 

@@ -25,7 +25,7 @@ class AppearanceHead:
         self.net = None
 
     def fit(self, features: np.ndarray, classes: np.ndarray) -> "AppearanceHead":
-        """Fit on ``features`` ``(N, F)`` and class ids ``(N,)``; a class-balanced subsample of at most 40k."""
+        """Fit on ``features`` ``(N, F)`` and class ids ``(N,)``; a class-balanced subsample of ``MAX_SAMPLES``."""
         import torch
 
         rng = np.random.default_rng(self.seed)
@@ -46,6 +46,18 @@ class AppearanceHead:
             loss.backward()
             optimiser.step()
         return self
+
+    @classmethod
+    def from_stored(cls, network) -> "AppearanceHead":
+        """The head of a stored ``models.appearance_head.AppearanceHeadNet``, for its fast ``predict``."""
+        head = cls(int(network.mlp[-1].out_features), hidden=int(network.mlp[0].out_features),
+                   device=str(network.mean.device))
+        head.net, head.mean, head.std = network.mlp, network.mean, network.std
+        return head
+
+    def state_names(self, n_features: int) -> list[str]:
+        """The names ``state()`` gives a head on ``n_features`` features."""
+        return [f"net.{k}" for k in _mlp(n_features, self.n_classes, self.hidden).state_dict()] + ["mean", "std"]
 
     def state(self) -> dict[str, np.ndarray]:
         """The fitted head as named float32 arrays (to keep it in the prompt cache)."""

@@ -70,8 +70,7 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
 # --- annotated slices ---------------------------------------------------------------------------
 
 def _from_annotations(volume, annotations, annotated_slices, wanted_labels, backbone, device, progress, cancel,
-                      variant=None, store=None):
-    store = store or VolumeCache(volume, enabled=False)
+                      variant, store):
     if not isinstance(annotations, Volume):
         raise ValueError("annotations must be a labels Volume on the image's grid")
     if volume.ndim != 3:
@@ -103,7 +102,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     n_folds = len(annotated) if len(annotated) >= 2 and variant is None else 0
     total = depth - 1 + n_folds + 2
     report(progress, 0, total, "computing image features")
-    slices, features, _ = _features(volume, backbone, device, cancel, store=store)
+    slices, features, _ = _features(volume, backbone, device, cancel, store)
     report(progress, 1, total, "following the anatomy from slice to slice")
     displacements = _displacements(slices, store, progress, cancel, (1, total))
     report(progress, depth, total, "following the anatomy from slice to slice")
@@ -128,8 +127,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
 
 # --- example scans ------------------------------------------------------------------------------
 
-def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel, variant=None, store=None):
-    store = store or VolumeCache(volume, enabled=False)
+def _from_examples(volume, examples, wanted_labels, backbone, device, progress, cancel, variant, store):
     if not examples:
         raise ValueError("examples= is empty: give at least one (image, mask) pair")
     for i, pair in enumerate(examples):
@@ -146,10 +144,11 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
         report(progress, done[0], total, message)
 
     report(progress, 0, total, "computing image features")
-    target_slices, target_features, basis = _features(volume, backbone, device, cancel, store=store)
+    target_slices, target_features, basis = _features(volume, backbone, device, cancel, store)
     prepared = []
     for (image, _), classes in zip(examples, example_classes):
-        slices, feats, _ = _features(image, backbone, device, cancel, basis, VolumeCache(image, store.enabled))
+        # read in the target's DINO basis: nothing of an example's own is worth caching
+        slices, feats, _ = _features(image, backbone, device, cancel, VolumeCache(image, enabled=False), basis)
         prepared.append((image, slices.mean(-1), feats, classes.reshape(slices.shape[:3])))
         step("computing image features")
     step("registering examples")
@@ -202,10 +201,10 @@ def _register_example(target, target_grey, image, grey, classes, n_classes):
 
 # --- shared -------------------------------------------------------------------------------------
 
-def _features(volume, backbone, device, cancel, basis=None, store=None):
+def _features(volume, backbone, device, cancel, store, basis=None):
     """``(normalised slices (n, y, x, c), features (n, y, x, F) float32, DINO PCA basis or None)``.
 
-    store: a ``VolumeCache`` for ``volume`` (None: compute everything); the DINO PCA is cached
+    store: a ``VolumeCache`` for ``volume`` (disabled: compute everything); the DINO PCA is cached
     only where the volume sets its own basis (a target, not an example read in the target's).
     """
     from dataclasses import asdict
@@ -214,7 +213,6 @@ def _features(volume, backbone, device, cancel, basis=None, store=None):
     from ._features import DINO_COMPONENTS, dino_pixels, dino_reduced
 
     check(cancel)
-    store = store or VolumeCache(volume, enabled=False)
     slices = as_slices(normalised(volume), volume.rgb)
     # Not cached: computing the filters costs ~25 ms per 256x256 slice, storing them 40 bytes per
     # voxel (3 GB for a 300x512x512 CT) for no measurable gain.

@@ -82,7 +82,7 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     else:
         network, parent = load_model(parent, device="cpu")
     network = network.to(device)
-    before = None if fresh or not val else _dice(network, val, parent, device)
+    before = None if fresh or not val else _dice(network, val, parent)
 
     steps = int(steps or DEFAULT_STEPS)
     rng = np.random.default_rng(seed)
@@ -103,12 +103,12 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
         if step % 25 == 0 or step == steps:
             entry = {"step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.perf_counter() - started, 2)}
             if val:
-                entry["score"] = round(_dice(network, val, parent, device), 4)
+                entry["score"] = round(_dice(network, val, parent), 4)
                 if on_validation is not None:
                     on_validation(dict(entry))
             history.append(entry)
             report(progress, step, steps, f"loss {entry['loss']:.3f}")
-    after = _dice(network, val, parent, device) if val else None
+    after = _dice(network, val, parent) if val else None
 
     compact = sorted(set(parent.input.get("one_piece_labels", [])) | set(_one_piece_labels(images, labels, slices)))
     card = ModelCard(
@@ -136,21 +136,16 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
 def segment_with_head(volume: Volume, network, card: ModelCard, device: str = "cpu", progress=None,
                       cancel=None, batch: int = 8) -> Volume:
     """Labels Volume on ``volume``'s grid: the head's most likely class at every pixel, slice by slice."""
-    import torch
-
-    from ._refine import clean_up
+    from ._refine import AppearanceHead, clean_up
 
     n = volume.spatial_shape[0] if volume.ndim == 3 else 1
     out = np.zeros((n,) + tuple(volume.spatial_shape[-2:]), dtype=np.uint8 if len(card.labels or {}) < 255
                    else np.uint16)
-    network = network.to(device).eval()
+    head = AppearanceHead.from_stored(network.to(device).eval())
     for start in range(0, n, batch):
         check(cancel)
         chunk = list(range(start, min(n, start + batch)))
-        feats = pixel_features(volume, chunk if volume.ndim == 3 else None)
-        with torch.no_grad():
-            logits = network(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32)).to(device))
-        out[chunk] = logits.argmax(1).cpu().numpy().reshape(feats.shape[:-1])
+        out[chunk] = head.predict(pixel_features(volume, chunk if volume.ndim == 3 else None)).argmax(0)
         report(progress, chunk[-1] + 1, n, "segmenting slices")
     # The head judges pixels alone and paints look-alike tissue elsewhere: one-piece labels keep
     # their largest component only, holes filled (the prompt's own clean-up, with no anchor).
@@ -223,21 +218,16 @@ def _new_network(card: ModelCard, features: np.ndarray):
     return network
 
 
-def _dice(network, val, card: ModelCard, device: str) -> float:
-    """Mean Dice over the labels present in the held-out slices (pooled)."""
-    import torch
+def _dice(network, val, card: ModelCard) -> float:
+    """Mean Dice over the labels present in the held-out slices, pooled over them."""
+    from ..engine.training import dice_per_class
+    from ._refine import AppearanceHead
 
-    inter, total = {}, {}
-    with torch.no_grad():
-        for feats, truth in val:
-            logits = network(torch.from_numpy(feats.reshape(-1, feats.shape[-1]).astype(np.float32))
-                                    .to(device))
-            pred = logits.argmax(1).cpu().numpy().reshape(truth.shape)
-            for k in (card.labels or {}):
-                if (truth == k).any():
-                    inter[k] = inter.get(k, 0) + int(((pred == k) & (truth == k)).sum())
-                    total[k] = total.get(k, 0) + int((pred == k).sum() + (truth == k).sum())
-    return float(np.mean([2 * inter[k] / total[k] for k in total])) if total else float("nan")
+    head = AppearanceHead.from_stored(network)
+    pred = np.concatenate([head.predict(feats).argmax(0).ravel() for feats, _ in val])
+    truth = np.concatenate([labels.ravel() for _, labels in val])
+    present = [k for k in (card.labels or {}) if (truth == k).any()]
+    return float(np.mean(list(dice_per_class(pred, truth, present).values()))) if present else float("nan")
 
 
 def _metrics(before, after, n_val: int) -> dict:
