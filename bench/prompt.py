@@ -8,7 +8,7 @@ Measures, one JSON line each (best of ``--repeat``; device and date in every lin
 - ``embed``: ``slice_features`` with an empty cache (compute + write the zarr store);
 - ``cache_read``: ``slice_features`` again (verify + read);
 - ``prompt_cold``: ``mv.prompt(vol, annotations=<2 slices>)`` with an empty prompt cache (demons
-  fields, pixel features and DINO PCA computed and stored; the DINO embeddings themselves are
+  fields, DINO PCA and heads computed and stored; the DINO embeddings themselves are
   warm, as measured by ``embed``), for ``features`` "intensity" (``model=None``) and "intensity+dino";
 - ``prompt_warm``: the next prompt of the same volume, one more slice painted: what depends on
   the pixels only is read from the cache, and the head fitted on the two slices serves as one

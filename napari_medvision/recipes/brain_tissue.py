@@ -22,7 +22,8 @@ from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
 from ..synthetic.brain import LABELS
-from .common import window_probabilities, new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
+from .common import (data_dir, init_summary, new_network, prepare_run, print_every, recipe_arguments, save_shipped,
+                     training_summary, window_probabilities)
 
 MODEL_ID = "mr-brain-tissue-3d"
 SPACING = (1.5, 1.5, 1.5)
@@ -139,9 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         f"spin-echo MR (T1/T2/PD) and {args.random_contrasts} random-contrast images (SynthSeg-style); "
         "no real labelled brain MR is available", 1.0, "napari_medvision.recipes.brain_tissue")
     if args.init is not None:
-        from .mvg_generalist import _init_summary
-
-        card.training["continued_from"] = _init_summary(args.init)
+        card.training["continued_from"] = init_summary(args.init)
     card.metrics = {
         "dice, real MNI152 2009a T1 template image (never trained on; reference = its GM/WM maps > 50 %, "
         "whose anatomy the phantoms were deformed from)": real,

@@ -159,3 +159,16 @@ class Timer:
 
     def __exit__(self, *exc):
         self.seconds = time.perf_counter() - self.start
+
+
+def init_summary(init: Path | None) -> dict | None:
+    """What a continued run started from: the weights' sha256 and their card's steps and data."""
+    if init is None:
+        return None
+    import hashlib
+
+    card = init.with_suffix(".json")
+    earlier = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
+    return {"weights": init.name, "sha256": hashlib.sha256(init.read_bytes()).hexdigest(),
+            "steps": earlier.get("steps"), "wall_time_s": earlier.get("wall_time_s"),
+            "continued_from": earlier.get("continued_from")}

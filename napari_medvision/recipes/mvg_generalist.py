@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .common import data_dir, device_summary, prepare_run, recipe_arguments, save_shipped
+from .common import data_dir, device_summary, init_summary, prepare_run, recipe_arguments, save_shipped
 
 MODEL_ID = "mvg-generalist"
 MR_TRAIN_SEEDS = range(100, 110)   # evaluation uses seeds from 1000 on
@@ -107,20 +107,6 @@ def _save_checkpoint(network, path: Path) -> None:
     tmp.replace(path)
 
 
-def _init_summary(init: Path | None) -> dict | None:
-    """What a continued run started from: the weights' sha256 and their card's steps and data."""
-    if init is None:
-        return None
-    import hashlib
-    import json
-
-    card = init.with_suffix(".json")
-    earlier = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
-    return {"weights": init.name, "sha256": hashlib.sha256(init.read_bytes()).hexdigest(),
-            "steps": earlier.get("steps"), "wall_time_s": earlier.get("wall_time_s"),
-            "continued_from": earlier.get("continued_from")}
-
-
 def main(argv: list[str] | None = None) -> int:
     import torch
 
@@ -175,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "wall_time_s": summary["seconds"], "loss_curve": summary["loss_curve"],
             "recipe": "napari_medvision.recipes.mvg_generalist "
                       + " ".join(argv if argv is not None else sys.argv[1:]),
-            "continued_from": _init_summary(args.init),
+            "continued_from": init_summary(args.init),
             "scale": ("GPU run" if device.startswith("cuda") else
                       "trained on a 2-core CPU (no GPU lent to this task) with the 'cpu' preset (64-pixel tiles) "
                       "for the time budget; a GPU run should redo it with --preset small and ~25 min"),
