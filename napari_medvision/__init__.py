@@ -16,8 +16,8 @@ from .volume import Volume
 
 __version__ = "0.1.0"
 
-__all__ = ["Volume", "load", "load_all", "save", "segment", "synthesize", "prompt", "finetune", "models", "io",
-           "__version__"]
+__all__ = ["Volume", "load", "load_all", "save", "segment", "synthesize", "synthesis_tasks", "prompt", "finetune",
+           "models", "io", "__version__"]
 
 
 def __getattr__(name: str):
