@@ -70,6 +70,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip the registration baseline")
+    parser.add_argument("--embed-only", action="store_true",
+                        help="time the DINO embedding and cache read only (no prompting, which needs SimpleITK)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -110,6 +112,8 @@ def main(argv: list[str] | None = None) -> int:
     seconds, feats = timed(lambda: slice_features(image, backbone, device=device), args.repeat, sync)
     assert feats.from_cache
     emit("cache_read", seconds)
+    if args.embed_only:
+        return 0
 
     truth = np.asarray(labels.data) == liver
     more = sorted(set(chosen) | {int(present[len(present) // 2])})

@@ -4,7 +4,7 @@ One 3D TransUNet (``transunet3d`` preset, random weights: speed and memory do no
 training), one synthetic CT of ``--slices x --size x --size`` voxels at 1 x 0.7 x 0.7 mm, one
 overlap. MONAI's ``sliding_window_inference`` runs the same network on the same model-grid
 tensor with the same autocast and a softmax per tile, at the fastest batch size of a small
-sweep; medvision runs at its default batch size. Prints one JSON line per measurement (best of
+sweep; medvision runs at its default batch size (and at ``--engine-batches``, if given). Prints one JSON line per measurement (best of
 ``--repeat`` after a warm-up) and a ratio line with the largest difference between the outputs.
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's peak resident
 memory, reset before each measurement (torch allocations bypass tracemalloc).
@@ -188,6 +188,8 @@ def main() -> None:
                         help="a shipped or user model id (e.g. ct-abdomen-organs-3d): benchmark it with its card")
     parser.add_argument("--monai-batches", default=None,
                         help="MONAI batch sizes to sweep (default 1,2,4,8 on a GPU; 1,2,4 on a CPU)")
+    parser.add_argument("--engine-batches", default=None,
+                        help="also time medvision at these batch sizes (default: its own default only)")
     args = parser.parse_args()
 
     from napari_medvision.engine.device import resolve_device
@@ -216,6 +218,10 @@ def main() -> None:
     ours_s, ours, peak = best_time(setup.medvision(ours_batch), args.device, args.repeat)
     emit({"measure": "sliding_window", "impl": "medvision", "batch_size": ours_batch, "seconds": round(ours_s, 3)},
          peak)
+    for batch in (int(b) for b in (args.engine_batches or "").split(",") if b and int(b) != ours_batch):
+        seconds, _, peak = best_time(setup.medvision(batch), args.device, args.repeat)
+        emit({"measure": "sliding_window", "impl": "medvision", "batch_size": batch, "seconds": round(seconds, 3)},
+             peak)
 
     sweep = args.monai_batches or ("1,2,4,8" if gpu else "1,2,4")
     monai_best = None

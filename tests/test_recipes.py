@@ -72,3 +72,23 @@ def test_mvg_prompt_tiles_sit_at_the_query_place_only_for_tasks_that_change_unit
         assert max(offsets) <= 0.05 * 80 * 4  # a few sigma of the 5 % jitter over the 80-pixel range
     else:
         assert np.median(offsets) > 15
+
+
+def test_skull_stripped_brain_phantom_is_zero_and_unlabelled_outside_the_brain():
+    np = pytest.importorskip("numpy")
+    from napari_medvision.recipes.brain_tissue import skull_strip
+
+    labels = np.zeros((24, 24, 24), dtype=np.int64)
+    labels[4:20, 4:20, 4:20] = 1  # CSF rim
+    labels[6:18, 6:18, 6:18] = 2  # grey matter
+    labels[9:15, 9:15, 9:15] = 3  # white matter
+    head = np.full(labels.shape, 5.0, dtype=np.float32)  # scalp and skull everywhere else
+    head[labels > 0] = 1.0 + labels[labels > 0]
+
+    for seed in range(6):
+        image, stripped = skull_strip(head, labels, np.random.default_rng(seed))
+        assert (image[stripped == 0] == 0).all(), "no scalp or skull left outside the mask"
+        assert (image[stripped > 0] == head[stripped > 0]).all(), "the brain keeps its intensities"
+        assert ((stripped == labels) | (stripped == 0)).all()
+        assert (stripped[6:18, 6:18, 6:18] == labels[6:18, 6:18, 6:18]).all(), "erosion stops in the CSF rim"
+        assert (stripped[4:20, 4:20, 4:20] > 0).sum() <= (labels > 0).sum()

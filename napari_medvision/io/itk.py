@@ -10,7 +10,6 @@ import json
 from pathlib import Path
 
 import numpy as np
-import SimpleITK as sitk
 
 from ..volume import Volume, from_itk_geometry, to_itk_geometry
 from .errors import ReadError
@@ -29,6 +28,8 @@ def _sniff(path: Path) -> bool:
 
 @register_reader("NRRD/MetaImage", ITK_SUFFIXES, sniff=_sniff)
 def read_itk(path: Path, **_) -> list[Volume]:
+    import SimpleITK as sitk  # imported here: loading SimpleITK costs ~0.3 s that other formats need not pay
+
     try:
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
@@ -60,6 +61,8 @@ def write_itk(vol: Volume, path: Path) -> None:
         data = data.astype(np.uint8)
     if vol.n_leading:
         raise ValueError("4D series are saved as NIfTI (.nii.gz) here")
+    import SimpleITK as sitk
+
     image = sitk.GetImageFromArray(data, isVector=vol.rgb)
     spacing, origin, direction = to_itk_geometry(vol)
     image.SetSpacing(spacing)

@@ -1,4 +1,4 @@
-"""Recipe: our own medical DINO, a ViT-S with 8 px patches trained self-supervised on medical slices.
+"""Recipe: our own medical DINO, a small ViT with 8 px patches trained self-supervised on medical slices.
 
 Why: DINOv2/v3 were trained on natural photos at 14/16 px patches; prompting thin structures
 (vessels, retinal layers, small organs) wants finer patches and medical texture. This recipe
@@ -17,14 +17,21 @@ are cut along all three axes, label maps skipped) plus synthetic CT/MR/OCT/fundu
 ``napari_medvision.synthetic``. No labels are used; ``--hold-out`` files are kept out for the
 evaluation (label transfer from one slice to the others by nearest class mean, Dice).
 
-STATUS: runnable on a GPU later; NOT trained yet. In the task that wrote it there was no GPU
-and the CPU was busy, so only a one-minute smoke run (``--smoke``) checked that the losses run
-and fall. No weights from that run are shipped. A real run, e.g. on one H100:
+STATUS: NOT trained; no weights shipped. The one GPU run so far (2026-11-23, one H100 shared
+with three other recipes, ``--batch-size 128 --time-budget 330``, 1707 real + 4634 synthetic
+slices) made 400 steps in 330 s, about 1.2 steps/s, bound by the CPU-side multi-crop; its DINO
+loss went from 10.4 to 11.09 = ln(65536) and its iBOT loss stayed at 8.94 (ln 8192 = 9.01):
+the teacher's centred output was still uniform, i.e. nothing was learnt yet, which is what the
+issue's own 7-minute probe saw. (That run's evaluation also stopped on a label lookup, fixed
+since, so nothing was saved.) DINO needs thousands of steps to leave that plateau; a run that
+can show it beats the random ViT of the same shape (the card's
+``same_for_a_random_vit_of_this_shape``) wants the GPU to itself for 25+ minutes, more loader
+workers, and fewer prototypes:
 
-    python -m napari_medvision.recipes.medical_dino --steps 60000 --batch-size 128 --out weights
+    python -m napari_medvision.recipes.medical_dino --steps 60000 --batch-size 128 --workers 14 --out weights
 
-writes ``weights/medical-dino-vits8.safetensors`` with its card; ``mv.prompt(..., model=
-"medical-dino-vits8")`` and the Prompt panel then offer it (``models.dino.load_backbone``).
+It writes ``weights/medical-dino-vitt8.safetensors`` with its card; ``mv.prompt(..., model=
+"medical-dino-vitt8")`` and the Prompt panel then offer it (``models.dino.load_backbone``).
 """
 
 from __future__ import annotations
@@ -40,9 +47,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-MODEL_ID = "medical-dino-vits8"
-TIMM_NAME = "vit_small_patch14_reg4_dinov2"  # DINOv2 ViT-S with 4 registers, built at patch 8
-OVERRIDES = {"patch_size": 8, "img_size": 224}
+MODEL_ID = "medical-dino-vitt8"
+TIMM_NAME = "vit_small_patch14_reg4_dinov2"  # DINOv2's layout with 4 registers, built at patch 8
+# ViT-Ti width (192, 3 heads): 5.5 M parameters, 22 MB in float32, inside the 25 MB weight budget
+# (a ViT-S would be 87 MB).
+OVERRIDES = {"patch_size": 8, "img_size": 224, "embed_dim": 192, "num_heads": 3}
 HOLD_OUT = ("ct_mr_totalseg/example_ct_sm.nii.gz", "fundus_drive_train/images/40_training.tif")
 
 
@@ -60,7 +69,7 @@ class DinoConfig:
     head_hidden: int = 2048
     bottleneck: int = 256
     student_temp: float = 0.1
-    teacher_temp: tuple[float, float] = (0.04, 0.07)  # warmed up over the first 30 % of steps
+    teacher_temp: tuple[float, float] = (0.04, 0.07)  # raised over the first 30 % of the run
     center_momentum: float = 0.9
     momentum: tuple[float, float] = (0.996, 1.0)
     mask_ratio: tuple[float, float] = (0.1, 0.5)
@@ -280,7 +289,7 @@ def ibot_loss(student_logits: torch.Tensor, teacher_targets: torch.Tensor, masks
     return (per_patch / per_image[image_of]).sum() / int((flat.sum(1) > 0).sum())
 
 
-def _cosine(start: float, end: float, step: int, total: int) -> float:
+def _cosine(start: float, end: float, step: float, total: float) -> float:
     return end + (start - end) * 0.5 * (1 + math.cos(math.pi * min(step, total) / max(total, 1)))
 
 
@@ -307,15 +316,17 @@ def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: 
     history, step, start = [], 0, time.perf_counter()
     patch = OVERRIDES["patch_size"]
     grid = (config.global_size // patch, config.global_size // patch)
-    warm = max(1, int(0.3 * steps))
     while step < steps:
         for crops in loader:
             crops = [c.to(device, non_blocking=True) for c in crops]
             glob = torch.cat(crops[:2])
             masks = _random_masks(glob.shape[0], grid, config.mask_ratio).to(device)
-            t_temp = _cosine(config.teacher_temp[0], config.teacher_temp[1], min(step, warm), warm)
+            # Schedules run over whichever ends first, the steps or the time budget, so that a run
+            # stopped by the clock still finishes its warm-up and cosine decay.
+            done = min(1.0, max(step / steps, (time.perf_counter() - start) / time_budget if time_budget else 0.0))
+            t_temp = config.teacher_temp[1] + (config.teacher_temp[0] - config.teacher_temp[1]) * max(0.0, 1 - done / 0.3)
             for group in optimiser.param_groups:
-                group["lr"] = lr * min(1.0, (step + 1) / warm) * _cosine(1, 0.01, step, steps)
+                group["lr"] = lr * min(1.0, max(done, 1 / steps) / 0.1) * _cosine(1, 0.01, done, 1.0)  # 10 % warm-up
             with amp:
                 with torch.no_grad():
                     t_cls, t_patches = teacher.tokens(glob)
@@ -338,7 +349,7 @@ def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: 
             centre_cls.update(t_logits)
             if len(t_patch_logits):
                 centre_patch.update(t_patch_logits)
-            momentum = _cosine(config.momentum[0], config.momentum[1], step, steps)
+            momentum = _cosine(config.momentum[0], config.momentum[1], done, 1.0)
             with torch.no_grad():
                 for t, s in zip(teacher.parameters(), student.parameters()):
                     t.mul_(momentum).add_(s.detach(), alpha=1 - momentum)
@@ -404,9 +415,16 @@ def main(argv: list[str] | None = None) -> int:
     from ..models.card import ModelCard
     from .common import device_summary, save_shipped
 
+    from ..models.dino import create_network
+    from .ct_organs import LABELS, real_ct
+
     backbone = Backbone(teacher.backbone.cpu(), TIMM_NAME, state_checksum(teacher.backbone.state_dict()))
-    ct, seg = io.load(root / HOLD_OUT[0]), io.load(root / "ct_mr_totalseg" / "example_seg.nii.gz")
-    liver = next(k for k, v in (seg.labels or {}).items() if v == "liver")
+    torch.manual_seed(args.seed)
+    untrained = create_network(TIMM_NAME, **OVERRIDES).eval()
+    random_vit = Backbone(untrained, TIMM_NAME, state_checksum(untrained.state_dict()))
+    ct, label_array = real_ct()  # TotalSegmentator ids mapped to ours, which name liver
+    seg = ct.with_data(label_array)
+    liver = next(k for k, v in LABELS.items() if v == "liver")
     z = [int(i) for i in np.flatnonzero((np.asarray(seg.data) == liver).reshape(seg.data.shape[0], -1).any(1))]
     chosen = z[len(z) // 2:: max(1, len(z) // 8)][:4]
     card = ModelCard(
@@ -418,8 +436,9 @@ def main(argv: list[str] | None = None) -> int:
                           "CT/MR/OCT/fundus", "held_out": list(HOLD_OUT), "steps": len(history),
                   "batch_size": args.batch_size, "device": device_summary(device), "wall_time_s": round(seconds),
                   "recipe": "napari_medvision.recipes.medical_dino", "final_loss": last},
-        metrics={"liver_label_transfer_dice_example_ct_sm": label_transfer_dice(backbone, ct, seg, chosen, liver)},
-        description="Self-supervised DINO+iBOT ViT-S/8 for medical slices (features for mv.prompt).",
+        metrics={"liver_label_transfer_dice_example_ct_sm": label_transfer_dice(backbone, ct, seg, chosen, liver),
+                 "same_for_a_random_vit_of_this_shape": label_transfer_dice(random_vit, ct, seg, chosen, liver)},
+        description="Self-supervised DINO+iBOT ViT-Ti/8 for medical slices (features for mv.prompt).",
     )
     save_shipped(backbone.network, card, args.out)
     return 0

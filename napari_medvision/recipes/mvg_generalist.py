@@ -63,16 +63,19 @@ def train(network, sampler, device: str, steps: int, batch_size: int, time_budge
     optimiser = torch.optim.AdamW(network.parameters(), lr=lr, weight_decay=0.05, betas=(0.9, 0.95))
     warmup = min(200, steps // 10 + 1)
 
-    def rate(step):
-        progress = min(step / steps, 1.0)
+    def rate(step, elapsed):
+        # Cosine over whichever ends first, the steps or the time budget, so that a run stopped by
+        # the clock still ends at a low learning rate.
+        progress = min(max(step / steps, elapsed / time_budget if time_budget else 0.0), 1.0)
         return min(1.0, (step + 1) / warmup) * (0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * progress)))
 
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, rate)
     patch, t = network.patch, network.tile_tokens
     curve, running, start = [], None, time.perf_counter()
     use_amp = device.startswith("cuda")
     step = 0
     for step in range(1, steps + 1):
+        for group in optimiser.param_groups:
+            group["lr"] = lr * rate(step - 1, time.perf_counter() - start)
         pi, pt, qi, qt = (x.to(device, non_blocking=True) for x in sampler.batch(batch_size))
         mask = hybrid_target_mask(len(pi), t)
         canvas = make_canvas(pi, pt, qi, qt)
@@ -84,7 +87,6 @@ def train(network, sampler, device: str, steps: int, batch_size: int, time_budge
         loss.backward()
         torch.nn.utils.clip_grad_norm_(network.parameters(), 1.0)
         optimiser.step()
-        scheduler.step()
         value = float(loss.detach())
         running = value if running is None else 0.98 * running + 0.02 * value
         elapsed = time.perf_counter() - start
@@ -162,7 +164,7 @@ def main(argv: list[str] | None = None) -> int:
             "recipe": "napari_medvision.recipes.mvg_generalist "
                       + " ".join(argv if argv is not None else sys.argv[1:]),
             "continued_from": init_summary(args.init),
-            "scale": ("GPU run" if device.startswith("cuda") else
+            "scale": (f"GPU run, '{args.preset}' preset, {args.time_budget} s budget" if device.startswith("cuda") else
                       "trained on a 2-core CPU (no GPU lent to this task) with the 'cpu' preset (64-pixel tiles) "
                       "for the time budget; a GPU run should redo it with --preset small and ~25 min"),
         },
