@@ -4,8 +4,9 @@ One 3D TransUNet (``transunet3d`` preset, random weights: speed and memory do no
 training), one synthetic CT of ``--slices x --size x --size`` voxels at 1 x 0.7 x 0.7 mm, one
 overlap. MONAI's ``sliding_window_inference`` runs the same network on the same model-grid
 tensor with the same autocast and a softmax per tile, at the fastest batch size of a small
-sweep; medvision runs at its default batch size (and at ``--engine-batches``, if given). Prints one JSON line per measurement (best of
-``--repeat`` after a warm-up) and a ratio line with the largest difference between the outputs.
+sweep; medvision runs at its default batch size (and at ``--engine-batches``, if given). Prints
+one JSON line per measurement (best of ``--repeat`` after a warm-up) and a ratio line with the
+largest difference between the outputs.
 Peak memory: ``torch.cuda.max_memory_allocated`` on a GPU; on a CPU the process's peak resident
 memory, reset before each measurement (torch allocations bypass tracemalloc).
 

@@ -25,8 +25,8 @@ the teacher's centred output was still uniform, i.e. nothing was learnt yet, whi
 issue's own 7-minute probe saw. (That run's evaluation also stopped on a label lookup, fixed
 since, so nothing was saved.) DINO needs thousands of steps to leave that plateau; a run that
 can show it beats the random ViT of the same shape (the card's
-``same_for_a_random_vit_of_this_shape``) wants the GPU to itself for 25+ minutes, more loader
-workers, and fewer prototypes:
+``same_for_a_random_vit_of_this_shape``) wants the GPU to itself for 25+ minutes and more loader
+workers (perhaps fewer ``DinoConfig.prototypes`` too):
 
     python -m napari_medvision.recipes.medical_dino --steps 60000 --batch-size 128 --workers 14 --out weights
 
@@ -411,11 +411,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print("smoke run: nothing saved")
         return 0
-    from .. import io
     from ..models.card import ModelCard
-    from .common import device_summary, save_shipped
-
     from ..models.dino import create_network
+    from .common import device_summary, save_shipped
     from .ct_organs import LABELS, real_ct
 
     backbone = Backbone(teacher.backbone.cpu(), TIMM_NAME, state_checksum(teacher.backbone.state_dict()))
