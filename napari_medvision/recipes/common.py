@@ -111,7 +111,7 @@ def binary_metrics(probability: np.ndarray, truth: np.ndarray, mask: np.ndarray 
             "specificity": float(tn / max(tn + fp, 1)), "auc": roc_auc(p, t)}
 
 
-CPU_NOTE = ("trained on a 2-core CPU (no GPU lent to this task) at a reduced scale: the thinned 'cpu' "
+CPU_NOTE = ("trained on a CPU at a reduced scale: the thinned 'cpu' "
             "architecture preset and a short time budget; a GPU run should redo it with --preset small or base "
             "and several times more steps")
 

@@ -165,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
                       + " ".join(argv if argv is not None else sys.argv[1:]),
             "continued_from": init_summary(args.init),
             "scale": (f"GPU run, '{args.preset}' preset, {args.time_budget} s budget" if device.startswith("cuda") else
-                      "trained on a 2-core CPU (no GPU lent to this task) with the 'cpu' preset (64-pixel tiles) "
+                      "trained on a CPU with the 'cpu' preset (64-pixel tiles) "
                       "for the time budget; a GPU run should redo it with --preset small and ~25 min"),
         },
         metrics=metrics,
