@@ -27,7 +27,7 @@ import uuid
 import zlib
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 import numpy as np
 import torch
@@ -222,10 +222,12 @@ def _write_cache(path: Path, features: np.ndarray, key: str) -> None:
     write_arrays(path, key, {"features": features})
 
 
-def read_arrays(path: Path, key: str, expect: dict[str, tuple[list[int], str]]) -> Optional[dict[str, np.ndarray]]:
+def read_arrays(path: Path, key: str,
+                expect: dict[str, tuple[Optional[Sequence[int]], str]]) -> Optional[dict[str, np.ndarray]]:
     """Named arrays of a complete, intact store at ``path``, else ``None`` (and the store is removed).
 
-    expect: ``{name: (shape, dtype)}``; the marker's key, every shape, dtype and CRC32 must match.
+    expect: ``{name: (shape, dtype)}``; the marker's key, every shape, dtype and CRC32 must match
+    (a shape of ``None``: whatever the marker records, still checked against the stored array).
     Shared by every cache of per-volume work (features here, prompt fields and features in
     ``tasks._prompt_cache``), so they all verify the same way.
     """
@@ -241,7 +243,8 @@ def read_arrays(path: Path, key: str, expect: dict[str, tuple[list[int], str]]) 
         out = {}
         for name, (shape, dtype) in expect.items() if ok else ():
             array, info = group[name], listed[name]
-            if (info.get("shape") != list(shape) or tuple(array.shape) != tuple(shape)
+            recorded = info.get("shape")
+            if (recorded != list(array.shape) or (shape is not None and recorded != list(shape))
                     or array.dtype != np.dtype(dtype) or info.get("dtype") != np.dtype(dtype).str):
                 break
             values = array[...]

@@ -58,8 +58,7 @@ class VolumeCache:
             return compute()
         key = self.key(kind, params)
         path = embeddings.cache_dir() / f"{key}.zarr"
-        found = embeddings.read_arrays(path, key, {n: (s if s is not None else _recorded(path, n), d)
-                                                   for n, (s, d) in expect.items()})
+        found = embeddings.read_arrays(path, key, expect)
         if found is not None:
             self.hits.append(kind)
             return found
@@ -68,13 +67,3 @@ class VolumeCache:
         self.misses.append(kind)
         return arrays
 
-
-def _recorded(path, name) -> tuple[int, ...]:
-    """The shape an entry's marker records for ``name`` (``()`` when unreadable: verification then fails)."""
-    try:
-        import zarr
-
-        marker = dict(zarr.open_group(str(path), mode="r").attrs.get(embeddings.MARKER) or {})
-        return tuple(marker["arrays"][name]["shape"])
-    except Exception:  # a missing or broken entry: read_arrays removes it
-        return ()
