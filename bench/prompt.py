@@ -10,6 +10,9 @@ Measures, one JSON line each (best of ``--repeat``; device and date in every lin
 - ``prompt_cold``: ``mv.prompt(vol, annotations=<2 slices>)`` with an empty prompt cache (demons
   fields, DINO PCA and heads computed and stored; the DINO embeddings themselves are
   warm, as measured by ``embed``), for ``features`` "intensity" (``model=None``) and "intensity+dino";
+- ``prompt_preview``: the Prompt panel's first answer to one more painted slice,
+  ``prompt(..., previous=<the cold result>)``: only the slabs next to the new slice are redone,
+  with the earlier head and choice from the cache;
 - ``prompt_warm``: the next prompt of the same volume, one more slice painted: what depends on
   the pixels only is read from the cache, and the head fitted on the two slices serves as one
   leave-one-out fold (the Prompt panel's "annotate one more slice" case);
@@ -20,6 +23,7 @@ for the prompt from cache on a CPU.
 
     python bench/prompt.py --device cuda                              # 300x512x512 on the GPU machine
     python bench/prompt.py --device cpu --slices 12 --size 256        # a reduced CPU check
+    python bench/prompt.py --device cpu --slices 300 --size 256 --no-dino --repeat 1   # the CPU aim
 """
 
 from __future__ import annotations
@@ -70,6 +74,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-baseline", action="store_true", help="skip the registration baseline")
+    parser.add_argument("--no-dino", action="store_true",
+                        help="intensity features only: skip the DINO embedding (minutes for 300 slices on a CPU)")
     parser.add_argument("--embed-only", action="store_true",
                         help="time the DINO embedding and cache read only (no prompting, which needs SimpleITK)")
     args = parser.parse_args(argv)
@@ -104,14 +110,16 @@ def main(argv: list[str] | None = None) -> int:
     seconds, _ = timed(lambda: content_hash(image.data), args.repeat, False)
     emit("content_hash", seconds, megabytes=round(image.data.nbytes / 2**20, 1))
 
-    # A warm-up on two slices (kernels, allocator), then the full volume into an empty cache.
-    slice_features(image.data[:2], backbone, device=device, cache=False)
-    seconds, feats = timed(lambda: slice_features(image, backbone, device=device, batch_size=args.batch_size),
-                           1, sync)
-    emit("embed", seconds, grid=list(feats.patch_grid), cache_megabytes=round(feats.features.nbytes / 2**20, 1))
-    seconds, feats = timed(lambda: slice_features(image, backbone, device=device), args.repeat, sync)
-    assert feats.from_cache
-    emit("cache_read", seconds)
+    feats = None
+    if not args.no_dino:
+        # A warm-up on two slices (kernels, allocator), then the full volume into an empty cache.
+        slice_features(image.data[:2], backbone, device=device, cache=False)
+        seconds, feats = timed(lambda: slice_features(image, backbone, device=device, batch_size=args.batch_size),
+                               1, sync)
+        emit("embed", seconds, grid=list(feats.patch_grid), cache_megabytes=round(feats.features.nbytes / 2**20, 1))
+        seconds, feats = timed(lambda: slice_features(image, backbone, device=device), args.repeat, sync)
+        assert feats.from_cache
+        emit("cache_read", seconds)
     if args.embed_only:
         return 0
 
@@ -125,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     def empty_cache() -> None:
         """A fresh cache folder holding the DINO embeddings only (measured above as ``embed``)."""
         home = Path(tempfile.mkdtemp(prefix="medvision-bench-"))
-        shutil.copytree(embeddings / f"{feats.key}.zarr", home / "cache" / "embeddings" / f"{feats.key}.zarr")
+        if feats is not None:
+            shutil.copytree(embeddings / f"{feats.key}.zarr", home / "cache" / "embeddings" / f"{feats.key}.zarr")
         os.environ["MEDVISION_HOME"] = str(home)
 
     def dice_of(result) -> float:
@@ -133,17 +142,23 @@ def main(argv: list[str] | None = None) -> int:
         return round(float(2 * (found & truth).sum() / max(found.sum() + truth.sum(), 1)), 3)
 
     empty_cache()
-    prompt(image, annotations=annotations, model=backbone, device=device)  # warm-up (imports, kernels)
-    for name, model in (("intensity", None), ("intensity+dino", backbone)):
-        cold = warm = (float("inf"), None)
+    runs = [("intensity", None)] + ([] if args.no_dino else [("intensity+dino", backbone)])
+    prompt(image, annotations=annotations, model=runs[-1][1], device=device)  # warm-up (imports, kernels)
+    for name, model in runs:
+        cold = warm = preview = (float("inf"), None)
         for _ in range(args.repeat):  # each time: an empty cache, then the first prompt with one more slice
             empty_cache()
-            cold = min(cold, timed(lambda: prompt(image, annotations=annotations, model=model, device=device), 1,
-                                   sync), key=lambda t: t[0])
+            first = timed(lambda: prompt(image, annotations=annotations, model=model, device=device), 1, sync)
+            cold = min(cold, first, key=lambda t: t[0])
+            preview = min(preview, timed(lambda: prompt(image, annotations=annotations_more, model=model,
+                                                        device=device, previous=first[1]), 1, sync),
+                          key=lambda t: t[0])
             warm = min(warm, timed(lambda: prompt(image, annotations=annotations_more, model=model, device=device),
                                    1, sync), key=lambda t: t[0])
         emit("prompt_cold", cold[0], features=name, dice_liver=dice_of(cold[1]), annotated=chosen,
              cached=cold[1].meta.get("cached"))
+        emit("prompt_preview", preview[0], features=name, dice_liver=dice_of(preview[1]), annotated=more,
+             redone=preview[1].meta.get("redone"), cached=sorted(set(preview[1].meta.get("cached"))))
         emit("prompt_warm", warm[0], features=name, dice_liver=dice_of(warm[1]), annotated=more,
              cached=sorted(set(warm[1].meta.get("cached"))))
 

@@ -162,16 +162,24 @@ def main(argv=None) -> int:
         slices_experiment(rows, "MR organs, in-volume (real)", *organs("MR"), (1, 2, 3, 5))
     if run("brain_slices"):
         slices_experiment(rows, "brain GM/WM, in-volume (MNI152, 2 mm)", *brain(), (1, 2, 3, 5))
-    if run("fundus"):
-        target, truth, fov = drive(21)
-        examples = [drive(i)[:2] for i in (22, 23, 24)]
-        examples_experiment(rows, "fundus vessels, DRIVE 22-24 -> 21 (half res.)", target, truth, examples,
-                            (1, 2, 3), fov, parts=("appearance",))
+    if run("fundus"):  # three target photos, each prompted with the next three
+        for first in (21, 25, 29):
+            target, truth, fov = drive(first)
+            examples = [drive(i)[:2] for i in range(first + 1, first + 4)]
+            examples_experiment(rows, f"fundus vessels, DRIVE {first + 1}-{first + 3} -> {first} (half res.)", target,
+                                truth, examples, (1, 2, 3), fov, parts=("appearance",))
+    if run("ct_mr_cross"):  # the two real labelled scans, each the example for the other
+        (ct, ct_truth), (mr, mr_truth) = organs("CT"), organs("MR")
+        examples_experiment(rows, "organs, real CT -> real MR", mr, mr_truth, [(ct, ct_truth)], (1,),
+                            parts=("registration", "appearance", "adapted"))
+        examples_experiment(rows, "organs, real MR -> real CT", ct, ct_truth, [(mr, mr_truth)], (1,),
+                            parts=("registration", "appearance", "adapted"))
     if run("ct_cross"):
         phantoms = [phantom(s) for s in (1, 2, 3)]
-        examples_experiment(rows, "CT organs, phantoms -> real CT", *organs("CT"), phantoms, (1, 2, 3))
+        parts = ("registration", "appearance", "adapted")
+        examples_experiment(rows, "CT organs, phantoms -> real CT", *organs("CT"), phantoms, (1, 2, 3), parts=parts)
         target, truth = phantom(4)
-        examples_experiment(rows, "CT organs, real CT -> phantom", target, truth, [organs("CT")], (1,))
+        examples_experiment(rows, "CT organs, real CT -> phantom", target, truth, [organs("CT")], (1,), parts=parts)
     if args.table:
         write_table(rows, Path(args.table))
     return 0

@@ -62,6 +62,29 @@ def test_a_slice_named_as_annotated_but_empty_keeps_the_organ_out(phantom):
     assert not (result.data[4] != 0).any()
 
 
+def test_painting_one_more_slice_previews_only_the_slabs_it_changes(phantom):
+    image, truth = phantom
+    first = mv.prompt(image, annotations=painted(truth, [8, 16]), device="cpu")
+    more = painted(truth, [8, 12, 16])
+
+    preview = mv.prompt(image, annotations=more, previous=first, device="cpu")
+    assert preview.meta["preview"] and preview.meta["redone"] == [(8, 16)]
+    assert preview.meta["choice"] == first.meta["choice"] and "prompt-head" in preview.meta["cached"]
+    assert np.array_equal(preview.data[:8], first.data[:8]) and np.array_equal(preview.data[17:], first.data[17:])
+    assert np.array_equal(preview.data[12], more.data[12])  # the new slice as painted
+    checked = mv.prompt(image, annotations=more, device="cpu")
+    assert not checked.meta["preview"] and checked.meta["expected_dice"]["liver"] is not None
+    assert dice(preview.data, truth.data, LIVER) > 0.8
+    assert abs(dice(preview.data, truth.data, LIVER) - dice(checked.data, truth.data, LIVER)) < 0.05
+
+
+def test_a_preview_is_refused_when_an_earlier_slice_was_changed(phantom):
+    image, truth = phantom
+    first = mv.prompt(image, annotations=painted(truth, [8, 16]), device="cpu")
+    moved = mv.prompt(image, annotations=painted(truth, [10, 12, 16]), previous=first, device="cpu")
+    assert not moved.meta["preview"]  # slice 8 is gone: the full, checked prompt ran
+
+
 def test_prompt_from_an_example_scan_beats_affine_registration(phantom):
     image, truth = phantom
     example = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)
@@ -72,6 +95,32 @@ def test_prompt_from_an_example_scan_beats_affine_registration(phantom):
     ours, baseline = dice(result.data, truth.data, LIVER), dice(registered, truth.data, LIVER)
     assert ours > 0.8 and ours > baseline, (ours, baseline)
     assert result.meta["expected_dice"] == {"liver": None, "spleen": None}  # one example: nothing to hold out
+
+
+def test_registration_of_an_example_is_the_same_every_time(phantom):
+    image, _ = phantom
+    example = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)
+    first, second = affine_registration(image, *example), affine_registration(image, *example)
+    assert np.array_equal(first.data, second.data)
+
+
+def test_an_example_of_another_modality_lends_its_layout_and_the_target_its_look(data_dir):
+    folder = data_dir / "ct_mr_totalseg"
+    organs = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left"}  # TotalSegmentator ids
+
+    def scan(image, seg):
+        labels = mv.load(folder / seg)
+        kept = np.where(np.isin(labels.data, list(organs)), labels.data, 0).astype(np.uint8)
+        return mv.load(folder / image), labels.with_data(kept, labels=organs)
+
+    ct, mr = scan("example_ct_sm.nii.gz", "example_seg.nii.gz"), scan("example_mr_sm.nii.gz", "example_seg_mr.nii.gz")
+    result = mv.prompt(mr[0], examples=[ct], device="cpu")  # a labelled CT onto an MR of someone else
+    assert result.meta["choice"] == "adapted"
+    by_name = {v: k for k, v in result.labels.items()}
+    ours = np.mean([dice(result.data == by_name[n], mr[1].data == k, True) for k, n in organs.items()])
+    registered = affine_registration(mr[0], *ct).data
+    baseline = np.mean([dice(registered, mr[1].data, k) for k in organs])
+    assert ours > baseline + 0.02, (ours, baseline)
 
 
 def test_two_examples_give_a_leave_one_out_estimate():

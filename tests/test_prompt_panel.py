@@ -58,7 +58,8 @@ def test_painted_slices_give_a_new_layer_that_updates_when_one_more_slice_is_pai
     first = np.array(result.data, copy=True)
     assert (first[5] == LIVER).sum() > 0.5 * (truth.data[5] == LIVER).sum()
 
-    # The user paints the liver on slice 3 as well: after a pause the same result layer is updated.
+    # The user paints the liver on slice 3 as well: after a pause the same result layer is updated,
+    # first by a preview that redoes only the slices next to slice 3, then by the checked prompt.
     runs = []
     original_start = panel.runner.start
     panel.runner.start = lambda *a, **k: (runs.append(k), original_start(*a, **k))[1]
@@ -66,12 +67,14 @@ def test_painted_slices_give_a_new_layer_that_updates_when_one_more_slice_is_pai
     ys, xs = np.nonzero(truth.data[3] == LIVER)
     for y, x in zip(ys, xs):
         mine.paint((3, y, x), LIVER, refresh=False)
-    qtbot.waitUntil(lambda: len(runs) == 1, timeout=10_000)
+    qtbot.waitUntil(lambda: len(runs) == 2, timeout=30_000)
     wait_idle(qtbot, panel)
-    assert len(runs) == 1  # many brush dabs, one debounced re-run
+    assert len(runs) == 2  # many brush dabs, one debounced update: the preview, then the checked prompt
+    assert runs[0]["previous"].meta["annotated_slices"] == [5] and "previous" not in runs[1]
     assert np.count_nonzero(runs[0]["annotations"].data[3]) == len(ys)
     assert len(viewer.layers) == 3 and viewer.layers[-1] is result
     assert not np.array_equal(result.data, first)
+    assert panel._last.meta["preview"] is False and panel._last.meta["annotated_slices"] == [3, 5]
 
 
 def test_a_result_the_user_corrects_is_not_overwritten(make_napari_viewer, qtbot):

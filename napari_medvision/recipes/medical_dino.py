@@ -22,7 +22,12 @@ with three other recipes, ``--batch-size 128 --time-budget 330``, 1707 real + 46
 slices) made 400 steps in 330 s, about 1.2 steps/s, bound by the CPU-side multi-crop; its DINO
 loss went from 10.4 to 11.09 = ln(65536) and its iBOT loss stayed at 8.94 (ln 8192 = 9.01):
 the teacher's centred output was still uniform, i.e. nothing was learnt yet, which is what the
-issue's own 7-minute probe saw. (That run's evaluation also stopped on a label lookup, fixed
+issue's own 7-minute probe saw. Since then the teacher is DINOv2's Sinkhorn-Knopp one (no
+prototype may take the whole batch) and the prototypes stay fixed for the first 5 % of the run,
+as in DINO. A CPU check of that (2026-11-23, one core: depth 4, 64 px global / 32 px local
+crops, 4096 / 2048 prototypes, batch 32) made 480 steps in 20 minutes, its losses sat at
+ln K as well (8.31 / 7.53), and its liver label transfer equalled the random ViT's (0.466 vs
+0.465 at 96 px): a CPU cannot get this recipe past the plateau in a session. (That run's evaluation also stopped on a label lookup, fixed
 since, so nothing was saved.) DINO needs thousands of steps to leave that plateau; a run that
 can show it beats the random ViT of the same shape (the card's
 ``same_for_a_random_vit_of_this_shape``) wants the GPU to itself for 25+ minutes and more loader
@@ -78,6 +83,10 @@ class DinoConfig:
     weight_decay: float = 0.04
     clip_grad: float = 3.0
     depth: int | None = None  # None: the full 12 blocks
+    # DINOv2's Sinkhorn-Knopp teacher (each prototype used equally often in a batch) instead of
+    # DINO's running centre, which let the first GPU run collapse to a uniform output.
+    sinkhorn: bool = True
+    freeze_last_layer: float = 0.05  # share of the run with the prototypes fixed (DINO's first epoch)
 
     @classmethod
     def smoke(cls) -> "DinoConfig":
@@ -247,13 +256,21 @@ def _random_masks(batch: int, grid: tuple[int, int], ratio: tuple[float, float],
 # --- losses ----------------------------------------------------------------------------------
 
 class CenteredTeacher:
-    """Teacher targets: centred by a running mean of its outputs, then sharpened by temperature."""
+    """Teacher targets: centred by a running mean of its outputs, then sharpened by temperature.
 
-    def __init__(self, dim: int, momentum: float, device):
+    sinkhorn: DINOv2's alternative, three Sinkhorn-Knopp iterations over the batch (rows and
+    columns of ``exp(logits / T)`` normalised in turn), so that no prototype can take every
+    image and none is left unused; the running centre is then only kept for the record.
+    """
+
+    def __init__(self, dim: int, momentum: float, device, sinkhorn: bool = False):
         self.center = torch.zeros(1, dim, device=device)
         self.momentum = momentum
+        self.sinkhorn = sinkhorn
 
     def targets(self, logits: torch.Tensor, temperature: float) -> torch.Tensor:
+        if self.sinkhorn:
+            return sinkhorn_knopp(logits, temperature)
         return F.softmax((logits - self.center) / temperature, dim=-1)
 
     @torch.no_grad()
@@ -263,6 +280,18 @@ class CenteredTeacher:
             torch.distributed.all_reduce(mean)
             mean /= torch.distributed.get_world_size()
         self.center.mul_(self.momentum).add_(mean, alpha=1 - self.momentum)
+
+
+@torch.no_grad()
+def sinkhorn_knopp(logits: torch.Tensor, temperature: float, iterations: int = 3) -> torch.Tensor:
+    """``(B, K)`` targets whose rows sum to 1 and whose columns are used equally (DINOv2's teacher)."""
+    q = torch.exp((logits.float() - logits.max()) / temperature).T  # (K, B)
+    q /= q.sum()
+    prototypes, batch = q.shape
+    for _ in range(iterations):
+        q /= q.sum(dim=1, keepdim=True).clamp_min(1e-30) * prototypes
+        q /= q.sum(dim=0, keepdim=True) * batch
+    return (q * batch).T
 
 
 def dino_loss(student: list[torch.Tensor], teacher: list[torch.Tensor], student_temp: float) -> torch.Tensor:
@@ -309,8 +338,9 @@ def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: 
                                          persistent_workers=workers > 0)
     lr = config.lr * batch_size / 256
     optimiser = torch.optim.AdamW(student.parameters(), lr=lr, weight_decay=config.weight_decay)
-    centre_cls = CenteredTeacher(config.prototypes, config.center_momentum, device)
-    centre_patch = CenteredTeacher(config.patch_prototypes, config.center_momentum, device)
+    centre_cls = CenteredTeacher(config.prototypes, config.center_momentum, device, config.sinkhorn)
+    centre_patch = CenteredTeacher(config.patch_prototypes, config.center_momentum, device, config.sinkhorn)
+    last_layers = [p for head in (student.dino_head, student.ibot_head) for p in head.last.parameters()]
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.startswith("cuda") else torch.autocast(
         "cpu", enabled=False)
     history, step, start = [], 0, time.perf_counter()
@@ -345,6 +375,9 @@ def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: 
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(student.parameters(), config.clip_grad)
+            if done < config.freeze_last_layer:
+                for p in last_layers:
+                    p.grad = None
             optimiser.step()
             centre_cls.update(t_logits)
             if len(t_patch_logits):
@@ -365,11 +398,11 @@ def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: 
 
 # --- evaluation --------------------------------------------------------------------------------
 
-def label_transfer_dice(backbone, image, labels, slices: list[int], label: int) -> float:
+def label_transfer_dice(backbone, image, labels, slices: list[int], label: int, short_side: int = 224) -> float:
     """Dice of ``label`` on ``slices[1:]`` predicted from ``slices[0]`` by nearest class mean of features."""
     from ..engine.embeddings import EmbeddingConfig, slice_features
 
-    feats = slice_features(image, backbone, cache=False, config=EmbeddingConfig(short_side=224))
+    feats = slice_features(image, backbone, cache=False, config=EmbeddingConfig(short_side=short_side))
     truth = np.asarray(labels.data) == label
     ref = feats.at_pixels(slices[0])
     inside, outside = ref[:, torch.from_numpy(truth[slices[0]])], ref[:, torch.from_numpy(~truth[slices[0]])]
@@ -427,7 +460,8 @@ def main(argv: list[str] | None = None) -> int:
     chosen = z[len(z) // 2:: max(1, len(z) // 8)][:4]
     card = ModelCard(
         id=MODEL_ID, task="features", modality="any", sha256="",
-        architecture={"name": "dino", "config": {"timm_name": TIMM_NAME, "overrides": dict(OVERRIDES)}},
+        architecture={"name": "dino", "config": {"timm_name": TIMM_NAME,
+                                                 "overrides": dict(OVERRIDES, img_size=config.global_size)}},
         input={"normalisation": {"kind": "percentile", "low": 0.5, "high": 99.5}, "patch_size": 8,
                "channels": 3, "short_side": 448},
         training={"data": "all of ../shared/data except the held-out files, all three slice axes; synthetic "

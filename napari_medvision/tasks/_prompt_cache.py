@@ -40,10 +40,14 @@ class VolumeCache:
         self.misses: list[str] = []
         self._hash: Optional[str] = None
 
-    def key(self, kind: str, params: dict) -> str:
+    def content_hash(self) -> str:
+        """blake2b of every voxel of the volume (computed once)."""
         if self._hash is None:
             self._hash = embeddings.content_hash(self.volume.data, bool(self.volume.rgb))
-        text = json.dumps([embeddings.CACHE_FORMAT, kind, self._hash, self.volume.modality, bool(self.volume.rgb),
+        return self._hash
+
+    def key(self, kind: str, params: dict) -> str:
+        text = json.dumps([embeddings.CACHE_FORMAT, kind, self.content_hash(), self.volume.modality, bool(self.volume.rgb),
                            params], sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 

@@ -7,6 +7,10 @@ and keep the best. Variants:
     "propagation" / "registration"   the spatial prior alone (slice propagation / fused examples)
     "appearance"                     the appearance head alone
     "combined:<w>"                   head * prior ** w, with the prior softened by distance
+    "adapted" (examples only)        head fitted on the *target's* pixels where the registered
+                                     prior is sure, times the prior: the examples say where, the
+                                     target itself what each label looks like there (another
+                                     scanner, contrast or modality than the examples)
 """
 
 from __future__ import annotations
@@ -23,7 +27,8 @@ WEIGHTS = (1.0, 2.0, 4.0)
 
 
 def variants(prior_name: str) -> list[str]:
-    return [prior_name, "appearance"] + [f"combined:{w:g}" for w in WEIGHTS]
+    extra = ["adapted"] if prior_name == "registration" else []
+    return [prior_name, "appearance"] + [f"combined:{w:g}" for w in WEIGHTS] + extra
 
 
 def onehot(classes: np.ndarray, n_classes: int) -> np.ndarray:
@@ -80,13 +85,29 @@ def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: i
 
 def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: np.ndarray, annotated: list[int],
                      n_classes: int, compact: set[int], wanted: list[str], device: str,
-                     cancel: Optional[CancelToken] = None, store=None) -> dict[str, np.ndarray]:
-    """Class maps ``(z, y, x)`` of each ``wanted`` variant from the ``annotated`` slices of ``classes``."""
+                     cancel: Optional[CancelToken] = None, store=None,
+                     region: Optional[tuple[int, int]] = None,
+                     learn_from: Optional[list[int]] = None) -> dict[str, np.ndarray]:
+    """Class maps of each ``wanted`` variant from the ``annotated`` slices of ``classes``.
+
+    region: ``(first, last)`` slices (inclusive) to predict; the maps then cover those slices
+    only. A leave-one-out fold needs just the slab from the hidden slice's annotated neighbours
+    (or the hidden slice itself, beyond the outermost one) to it: on 300 slices that is a few
+    slices instead of all. The head still learns from every annotated slice.
+    learn_from: the slices the head learns from (default: ``annotated``); a preview reuses the
+    previous prompt's head this way (``prompt(previous=...)``).
+    """
     check(cancel)
-    hot = onehot(classes, n_classes)
     head = None
     if any(v != "propagation" for v in wanted):
-        head = fit_head([features[annotated]], [classes[annotated]], n_classes, device, store).predict(features)
+        learn = annotated if learn_from is None else learn_from
+        head = fit_head([features[learn]], [classes[learn]], n_classes, device, store)
+    lo, hi = region if region is not None else (0, len(classes) - 1)
+    features, classes, displacements = features[lo:hi + 1], classes[lo:hi + 1], displacements[lo:hi]
+    annotated = [a - lo for a in annotated if lo <= a <= hi]
+    hot = onehot(classes, n_classes)
+    if head is not None:
+        head = head.predict(features)
     check(cancel)
     out, tracked = {}, None
     anchor = np.full(classes.shape, -1, dtype=np.int32)
@@ -110,28 +131,57 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
 
 
 def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similarities: list[np.ndarray],
-                  example_features: list[np.ndarray], example_classes: list[np.ndarray], n_classes: int,
-                  compact: set[int], wanted: list[str], device: str,
+                  example_heads, n_classes: int, compact: set[int], wanted: list[str], device: str,
                   cancel: Optional[CancelToken] = None) -> dict[str, np.ndarray]:
-    """Class maps ``(n, y, x)`` of each ``wanted`` variant from registered example priors and a head."""
+    """Class maps ``(n, y, x)`` of each ``wanted`` variant from registered example priors and heads.
+
+    example_heads: one ``AppearanceHead`` per example (``fit_head`` on that example alone), or a
+    callable giving that list (called only when a variant needs the heads). Their probabilities
+    are averaged: on DRIVE (3 targets) one head per photo rose with more examples (mean vessel
+    Dice 0.68 / 0.72 / 0.73 from 1 / 2 / 3), one head fitted on the pooled pixels did not
+    (0.68 / 0.72 / 0.67), and each head is fitted once for all leave-one-out folds.
+    """
     from ._register import fuse
 
     check(cancel)
     prior = fuse(priors, similarities)
     anchor = np.where(prior.max(0) >= 0.5, np.argmax(prior, axis=0), -1)
     head = None
-    if any(v != "registration" for v in wanted):
-        head = fit_head(example_features, example_classes, n_classes, device).predict(target_features)
+    if any(v not in ("registration", "adapted") for v in wanted):
+        heads = example_heads() if callable(example_heads) else example_heads
+        head = np.mean([h.predict(target_features) for h in heads], axis=0)
     out = {}
     for variant in wanted:
         if variant == "registration":
             prob = prior
         elif variant == "appearance":
             prob = head
+        elif variant == "adapted":
+            prob = combine(adapted_head(target_features, prior, n_classes, device), soften(prior), 1.0)
         else:
             prob = combine(head, soften(prior), float(variant.split(":")[1]))
         out[variant] = clean_up(np.argmax(prob, axis=0).astype(np.int32), compact, anchor)
     return out
+
+
+SURE = 0.9  # prior probability (after a 1-pixel blur) at which a target pixel teaches the adapted head
+
+
+def adapted_head(target_features: np.ndarray, prior: np.ndarray, n_classes: int, device: str) -> np.ndarray:
+    """Probabilities of a head fitted on the target's pixels labelled by the registered ``prior``.
+
+    Only pixels where the blurred prior is sure (``SURE``) teach it: the registration is roughly
+    right inside each organ and wrong near its edges. On real CT and MR from one example of the
+    other modality this beat the example-fitted head (CT -> MR Dice 0.59 vs 0.55; MR -> CT 0.33
+    vs 0.25), whose intensities mean nothing on the target.
+    """
+    sure = soften(prior, base=1.0)
+    pseudo = np.argmax(sure, axis=0)
+    keep = sure.max(0) >= SURE
+    if not keep.any():
+        keep = np.ones(pseudo.shape, dtype=bool)
+    x = np.ascontiguousarray(target_features[keep], dtype=np.float32)
+    return AppearanceHead(n_classes, device=device).fit(x, pseudo[keep].astype(np.int64)).predict(target_features)
 
 
 def overlap_per_class(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[int, tuple[int, int]]:

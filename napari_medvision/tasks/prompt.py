@@ -29,7 +29,7 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
            annotations: Optional[Volume] = None, model=None, *, annotated_slices: Optional[Sequence[int]] = None,
            labels: Optional[Sequence[int | str]] = None, variant: Optional[str] = None, device: Optional[str] = None,
            progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
-           cache: bool = True) -> Volume:
+           cache: bool = True, previous: Optional[Volume] = None) -> Volume:
     """Labels Volume on ``volume``'s grid, one label per structure in the prompt, names kept.
 
     examples: ``[(image, mask), ...]`` other scans (same modality) with their label maps.
@@ -39,11 +39,18 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
         slice where the structure is legitimately absent can count as "annotated, empty".
     labels: restrict to these label ids or names (default: every label in the prompt).
     variant: use this variant instead of the leave-one-out choice (then nothing is checked):
-        "propagation" (annotations) / "registration" (examples), "appearance" or "combined:<w>".
+        "propagation" (annotations) / "registration" (examples), "appearance", "combined:<w>",
+        or (examples) "adapted": the head learnt on the target where the registered prior is sure.
     cache: keep what depends on the pixels only (demons fields between slices, the DINO PCA,
         fitted heads) in ``$MEDVISION_HOME/cache/embeddings`` and reuse it on the next prompt of
         the same volume (one more slice painted: only the prompt-dependent part is redone).
         ``False``: compute everything; the result is the same either way.
+    previous: the result of the last prompt of this volume from annotated slices. When the new
+        annotations only add slices (same labels, earlier slices unchanged), only the slabs those
+        slices change are redone, with the earlier choice and head read from the cache: a preview
+        in about a second, marked ``meta["preview"] = True`` with no ``expected_dice``. Run again
+        without ``previous`` for the checked result (the Prompt panel does both while you paint).
+        Anything else (other labels, a repainted slice, another image) gets the full prompt.
     Returns ``meta["expected_dice"]`` ``{name: Dice or None}`` from leave-one-out (None when the
     prompt has a single slice or example), ``meta["choice"]`` (the variant used) and
     ``meta["leave_one_out"]`` (every variant's mean Dice) and ``meta["cached"]`` (which of the
@@ -63,14 +70,14 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     store = VolumeCache(volume, enabled=cache)
     if annotations is not None:
         return _from_annotations(volume, annotations, annotated_slices, labels, backbone, device, progress, cancel,
-                                 variant, store)
+                                 variant, store, previous)
     return _from_examples(volume, list(examples), labels, backbone, device, progress, cancel, variant, store)
 
 
 # --- annotated slices ---------------------------------------------------------------------------
 
 def _from_annotations(volume, annotations, annotated_slices, wanted_labels, backbone, device, progress, cancel,
-                      variant, store):
+                      variant, store, previous=None):
     if not isinstance(annotations, Volume):
         raise ValueError("annotations must be a labels Volume on the image's grid")
     if volume.ndim != 3:
@@ -98,6 +105,13 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     classes = lookup[painted]
     n_classes = len(ids) + 1
     compact = compact_labels(classes, annotated, range(1, n_classes))
+    stamp = {"prompt": "annotations", "image_hash": store.content_hash() if store.enabled else None,
+             "features": backbone.checksum if backbone is not None else None}
+    if previous is not None and variant is None:
+        quick = _preview(volume, previous, annotated, classes, ids, names, compact, backbone, device, cancel,
+                         store, stamp)
+        if quick is not None:
+            return quick
 
     n_folds = len(annotated) if len(annotated) >= 2 and variant is None else 0
     total = depth - 1 + n_folds + 2
@@ -110,10 +124,12 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     scores = {v: [] for v in runs.variants("propagation")}
     for i, hidden in enumerate(annotated if n_folds else []):
         rest = [a for a in annotated if a != hidden]
+        below, above = [a for a in rest if a < hidden], [a for a in rest if a > hidden]
+        region = (below[-1] if below else hidden, above[0] if above else hidden)
         maps = runs.from_annotations(features, displacements, classes, rest, n_classes, compact, list(scores),
-                                     device, cancel, store)
+                                     device, cancel, store, region=region)
         for name, pred in maps.items():
-            scores[name].append(runs.overlap_per_class(pred[hidden], classes[hidden], n_classes))
+            scores[name].append(runs.overlap_per_class(pred[hidden - region[0]], classes[hidden], n_classes))
         report(progress, depth + i, total, f"checking: slice {hidden} hidden")
     # Appearance alone is scored for the record, never used: it cannot tell where the
     # annotated organ is from a look-alike elsewhere in the body.
@@ -121,8 +137,51 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     result = runs.from_annotations(features, displacements, classes, annotated, n_classes, compact, [choice],
                                    device, cancel, store)[choice]
     report(progress, total, total, "done")
-    meta = {"prompt": "annotations", "annotated_slices": annotated, "cached": list(store.hits)}
+    meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=False)
     return _result(volume, result, ids, names, scores, choice, meta)
+
+
+def _preview(volume, previous, annotated, classes, ids, names, compact, backbone, device, cancel, store, stamp):
+    """``previous`` with the slabs that newly annotated slices change redone, or None where that is not valid.
+
+    Valid when ``previous`` is this image's prompt from annotated slices with the same labels and
+    features, every slice it was given is still painted the same, and slices were only added. A
+    slab runs from an added slice's annotated neighbours (or the volume's edge beyond the
+    outermost) and is predicted exactly as the full prompt would, with the earlier choice and the
+    head fitted on the earlier slices (read back from the cache, not refitted).
+    """
+    meta = previous.meta or {}
+    old = [int(z) for z in meta.get("annotated_slices") or []]
+    if (not store.enabled or meta.get("prompt") != "annotations" or not old or meta.get("preview")
+            or previous.spatial_shape != volume.spatial_shape or meta.get("image_hash") != stamp["image_hash"]
+            or meta.get("features") != stamp["features"] or not set(old) < set(annotated)
+            or dict(previous.labels or {}) != {int(k): names[k] for k in ids} or meta.get("choice") is None):
+        return None
+    lookup = np.zeros(max(int(np.asarray(previous.data).max()), max(ids)) + 1, dtype=np.int32)
+    lookup[ids] = np.arange(1, len(ids) + 1)
+    before = lookup[np.asarray(previous.data)]
+    if not np.array_equal(before[old], classes[old]):
+        return None  # an earlier slice was repainted: its head and folds are stale
+    depth = classes.shape[0]
+    regions = []
+    for z in sorted(set(annotated) - set(old)):
+        below, above = [a for a in annotated if a < z], [a for a in annotated if a > z]
+        lo, hi = (below[-1] if below else 0), (above[0] if above else depth - 1)
+        if regions and lo <= regions[-1][1]:
+            regions[-1] = (regions[-1][0], max(hi, regions[-1][1]))
+        else:
+            regions.append((lo, hi))
+    needed = set(old) | {z for lo, hi in regions for z in range(lo, hi + 1)}
+    slices, features, _ = _features(volume, backbone, device, cancel, store, only=needed)
+    displacements = _displacements(slices, store, None, cancel, (0, 1))
+    choice = meta["choice"]
+    out = before.copy()
+    for lo, hi in regions:
+        out[lo:hi + 1] = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
+                                               [choice], device, cancel, store, region=(lo, hi),
+                                               learn_from=old)[choice]
+    meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=True, redone=regions)
+    return _result(volume, out, ids, names, {}, choice, meta)
 
 
 # --- example scans ------------------------------------------------------------------------------
@@ -163,21 +222,34 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
             step("registering examples")
         return priors, similarities
 
+    fitted = {}
+
+    def heads(indices):
+        """The appearance head of each example in ``indices``, each fitted once (then reused by every fold)."""
+        def get():
+            for i in indices:
+                if i not in fitted:
+                    check(cancel)
+                    fitted[i] = runs.fit_head([prepared[i][2]], [prepared[i][3]], n_classes, device)
+            return [fitted[i] for i in indices]
+        return get
+
     scores = {v: [] for v in runs.variants("registration")}
     for j in range(n_folds):
         target_image, grey, feats, truth = prepared[j]
         rest = [p for i, p in enumerate(prepared) if i != j]
         priors, similarities = onto(target_image, grey, rest)
-        maps = runs.from_examples(feats, priors, similarities, [p[2] for p in rest], [p[3] for p in rest],
+        maps = runs.from_examples(feats, priors, similarities, heads([i for i in range(n) if i != j]),
                                   n_classes, compact, list(scores), device, cancel)
         for name, pred in maps.items():
             scores[name].append(runs.overlap_per_class(pred, truth, n_classes))
     priors, similarities = onto(volume, target_slices.mean(-1), prepared)
-    # Without a check, trust the registration in 3D; 2D photos of different eyes or patients
-    # do not line up, so there the appearance head alone is the safer guess.
-    choice = variant or _choose(scores, default="combined:2" if volume.ndim == 3 else "appearance")
-    result = runs.from_examples(target_features, priors, similarities, [p[2] for p in prepared],
-                                [p[3] for p in prepared], n_classes, compact, [choice], device, cancel)[choice]
+    # Without a check, trust the registration in 3D, with the head learnt on the target under it
+    # (safe when the example comes from another scanner or modality); 2D photos of different
+    # eyes or patients do not line up, so there the appearance head alone is the safer guess.
+    choice = variant or _choose(scores, default="adapted" if volume.ndim == 3 else "appearance")
+    result = runs.from_examples(target_features, priors, similarities, heads(list(range(n))), n_classes, compact,
+                                [choice], device, cancel)[choice]
     report(progress, total, total, "done")
     return _result(volume, result.reshape(volume.spatial_shape), ids, names, scores, choice,
                    {"prompt": "examples", "n_examples": n, "cached": list(store.hits)})
@@ -201,11 +273,13 @@ def _register_example(target, target_grey, image, grey, classes, n_classes):
 
 # --- shared -------------------------------------------------------------------------------------
 
-def _features(volume, backbone, device, cancel, store, basis=None):
+def _features(volume, backbone, device, cancel, store, basis=None, only=None):
     """``(normalised slices (n, y, x, c), features (n, y, x, F) float32, DINO PCA basis or None)``.
 
     store: a ``VolumeCache`` for ``volume`` (disabled: compute everything); the DINO PCA is cached
     only where the volume sets its own basis (a target, not an example read in the target's).
+    only: compute the features of these slices only; the other rows are left unset (a preview
+    reads nothing else, and ``np.empty`` commits no memory for rows never written).
     """
     from dataclasses import asdict
 
@@ -214,9 +288,10 @@ def _features(volume, backbone, device, cancel, store, basis=None):
 
     check(cancel)
     slices = as_slices(normalised(volume), volume.rgb)
+    rows = slice(None) if only is None else np.asarray(sorted(only), dtype=int)
     # Not cached: computing the filters costs ~25 ms per 256x256 slice, storing them 40 bytes per
     # voxel (3 GB for a 300x512x512 CT) for no measurable gain.
-    features = intensity_features(slices)
+    features = intensity_features(slices[rows])
     if backbone is not None:
         def reduce():
             reduced, (mean, components) = dino_reduced(volume, backbone, device, cancel=cancel)
@@ -230,8 +305,11 @@ def _features(volume, backbone, device, cancel, store, basis=None):
             reduced, basis = got["reduced"], (got["mean"], got["components"])
         else:
             reduced, basis = dino_reduced(volume, backbone, device, cancel=cancel, basis=basis)
-        dino = dino_pixels(reduced, slices.shape[1:3], backbone)
+        dino = dino_pixels(reduced[rows], slices.shape[1:3], backbone)
         features = np.concatenate([features, dino], axis=-1)
+    if only is not None:
+        chosen, features = features, np.empty(slices.shape[:3] + features.shape[-1:], dtype=np.float32)
+        features[rows] = chosen
     return slices, features, basis
 
 
@@ -269,7 +347,7 @@ def _choose(scores: dict[str, list[dict[int, float]]], default: str, allowed=Non
     if not means:
         return default
     best = max(means.values())
-    rank = lambda v: (v == "appearance", not v.startswith("combined"), -means[v])  # noqa: E731
+    rank = lambda v: (v == "appearance", not v.startswith(("combined", "adapted")), -means[v])  # noqa: E731
     return min((v for v in means if means[v] >= best - 0.01), key=rank)
 
 

@@ -2,9 +2,10 @@
 
 The panel calls ``tasks.prompt.prompt`` in a worker thread and shows the result as a layer of its
 own; the user's image and labels layers are only read. With "update while I paint" on, painting
-one more slice re-runs the prompt after a short pause (the image features come from the on-disk
-cache, so a re-run costs seconds, not minutes) and the result layer is updated in place, unless
-the user has started correcting it by hand: then a new result layer is made instead.
+one more slice updates the result after a short pause in two steps: first a preview that redoes
+only the slabs next to the new slice with the previous head and choice (``prompt(previous=...)``,
+about a second from the cache), then the full, checked prompt. The result layer is updated in
+place, unless the user has started correcting it by hand: then a new result layer is made instead.
 """
 
 from __future__ import annotations
@@ -118,7 +119,8 @@ class PromptWidget(QWidget):
         self._watched: Optional[Labels] = None
         self._result: Optional[Labels] = None  # the layer this panel last wrote and may update
         self._result_inputs: Optional[tuple] = None
-        self._pending = False  # a paint arrived while a run was going
+        self._last = None  # the Volume behind self._result, which a preview starts from
+        self._pending = False  # a paint arrived while a run was going, or a preview wants its checked run
 
         self.runner.run_button.clicked.connect(self.run)
         self.mode_box.currentIndexChanged.connect(self.pages.setCurrentIndex)
@@ -213,16 +215,29 @@ class PromptWidget(QWidget):
             key = (image.name, tuple(self.examples))
         return {"kwargs": kwargs, "key": key, "name": image.name}
 
-    def run(self) -> None:
-        """Prompt with the current choices; the result goes to this panel's result layer."""
+    def run(self, preview: bool = False) -> None:
+        """Prompt with the current choices; the result goes to this panel's result layer.
+
+        preview: start from the last result (only the slabs the new slices change), then run the
+        full prompt; a preview that does not apply (see ``prompt``'s ``previous``) is the full one.
+        """
         if self.runner.worker is not None and not self.runner.run_button.isEnabled():
             self._pending = True  # one run at a time: go again when this one ends
             return
         inputs = self._inputs()
         if inputs is None:
             return
-        self.runner.start(prompt, lambda result: self._show(result, inputs["key"], inputs["name"]),
-                          **inputs["kwargs"])
+        kwargs = inputs["kwargs"]
+        if preview and self._last is not None and self._result_inputs == inputs["key"] and "annotations" in kwargs:
+            kwargs["previous"] = self._last
+            self._pending = True  # the checked prompt follows the preview
+
+        def done(result):
+            if not result.meta.get("preview"):
+                self._pending = False  # this was the checked prompt already
+            self._show(result, inputs["key"], inputs["name"])
+
+        self.runner.start(prompt, done, **kwargs)
         self.runner.worker.finished.connect(self._run_pending)
 
     def _run_pending(self) -> None:
@@ -231,6 +246,7 @@ class PromptWidget(QWidget):
             self.run()
 
     def _show(self, result, key: tuple, image_name: str) -> None:
+        self._last = result
         if self._result is not None and self._result in self.viewer.layers and self._result_inputs == key:
             self._result.data = np.asarray(result.data)
             return
@@ -244,6 +260,7 @@ class PromptWidget(QWidget):
         """The user corrects the result by hand: it is theirs now, later updates go to a new layer."""
         self._result = None
         self._result_inputs = None
+        self._last = None
 
     # --- updating while the user paints ----------------------------------------------------
     def _watch_annotations(self, *_: Any) -> None:
@@ -263,4 +280,4 @@ class PromptWidget(QWidget):
 
     def _update_after_paint(self) -> None:
         if self._result is not None and self._result in self.viewer.layers:
-            self.run()
+            self.run(preview=True)
