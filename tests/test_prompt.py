@@ -97,6 +97,22 @@ def test_prompt_from_an_example_scan_beats_affine_registration(phantom):
     assert result.meta["expected_dice"] == {"liver": None, "spleen": None}  # one example: nothing to hold out
 
 
+def test_one_painted_slice_uses_the_head_only_where_it_agrees_with_the_carried_mask(data_dir):
+    folder = data_dir / "ct_mr_totalseg"
+    organs = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left"}  # TotalSegmentator ids
+    for image, seg, expected in (("example_ct_sm.nii.gz", "example_seg.nii.gz", "combined:2"),
+                                 ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz", "propagation")):
+        scan, labels = mv.load(folder / image), mv.load(folder / seg)
+        truth = np.where(np.isin(labels.data, list(organs)), labels.data, 0).astype(np.uint8)
+        z = int(np.mean(np.flatnonzero(truth.reshape(len(truth), -1).any(1))))  # one slice mid-way
+        one = np.zeros_like(truth)
+        one[z] = truth[z]
+        result = mv.prompt(scan, annotations=labels.with_data(one, labels=organs), device="cpu")
+        # MR organs share intensities: the head disagrees with the carried mask next to the slice
+        assert result.meta["choice"] == expected, (image, result.meta["head_agreement"])
+        assert np.mean([dice(result.data, truth, k) for k in organs if (truth == k).any()]) > 0.7
+
+
 def test_registration_of_an_example_is_the_same_every_time(phantom):
     image, _ = phantom
     example = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)

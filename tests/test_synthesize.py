@@ -159,6 +159,19 @@ def test_label_map_examples_give_named_labels(brain, model):
     assert set(np.unique(out.data).tolist()) <= example_ids
     assert out.labels == {k: labels.labels[k] for k in example_ids if k}
     assert out.same_grid(t1)
+    # how grey levels became labels was fitted on the (mirrored) prompt pair and is reported
+    assert out.meta["decoding"] in ("midway", "quantiles") and len(out.meta["decision_levels"]) == len(example_ids) - 1
+
+
+def test_one_structure_is_cut_at_the_level_that_fits_the_prompt_pair(brain, model):
+    from napari_medvision.tasks.synthesize import LEVELS
+
+    t1, _, labels = brain
+    white_matter = labels.with_data((np.asarray(labels.data) == 2).astype(np.uint8), labels={1: "white matter"})
+    out = mv.synthesize(t1, model=model, examples=[(t1, white_matter)], device="cpu")
+    (level,) = out.meta["decision_levels"]
+    assert out.meta["decoding"] == f"level {level:.2f}" and np.isclose(LEVELS, level, atol=1e-4).any()
+    assert set(np.unique(out.data).tolist()) <= {0, 1} and out.labels == {1: "white matter"}
 
 
 def test_inpainting_changes_only_the_masked_pixels(brain, model):

@@ -54,7 +54,8 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     Returns ``meta["expected_dice"]`` ``{name: Dice or None}`` from leave-one-out (None when the
     prompt has a single slice or example), ``meta["choice"]`` (the variant used) and
     ``meta["leave_one_out"]`` (every variant's mean Dice) and ``meta["cached"]`` (which of the
-    target's pixel-only results were read from the cache, e.g. ``["prompt-demons"]``).
+    target's pixel-only results were read from the cache, e.g. ``["prompt-demons"]``); with one
+    painted slice ``meta["head_agreement"]``, the check that chose between head and carried mask.
     """
     from ..engine.device import resolve_device
 
@@ -136,12 +137,41 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     # there every look-alike is the same tissue). MNI brain, 2 / 3 / 5 slices: 0.963 / 0.969 /
     # 0.969 instead of combined:1's 0.951 / 0.962 / 0.963.
     allowed = [v for v in scores if v != "appearance" or not compact]
-    choice = variant or _choose(scores, default="combined:2", allowed=allowed)
+    agreement = None
+    if variant is None and len(annotated) == 1:
+        agreement = _head_agreement(features, displacements, classes, annotated[0], n_classes, compact, device,
+                                    cancel, store)
+    default = "combined:2" if agreement is None or agreement >= TRUSTED_HEAD else "propagation"
+    choice = variant or _choose(scores, default=default, allowed=allowed)
     result = runs.from_annotations(features, displacements, classes, annotated, n_classes, compact, [choice],
                                    device, cancel, store)[choice]
     report(progress, total, total, "done")
-    meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=False)
+    meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=False, head_agreement=agreement)
     return _result(volume, result, ids, names, scores, choice, meta)
+
+
+NEAR = 2  # slices on each side of a single painted slice where the carried mask is trusted
+TRUSTED_HEAD = 0.7
+
+
+def _head_agreement(features, displacements, classes, painted, n_classes, compact, device, cancel, store):
+    """Dice between the head alone and the carried mask on the ``NEAR`` slices each side of ``painted``.
+
+    With one painted slice nothing can be held out, but next to it the carried mask is nearly
+    right (real CT / MR / MNI brain: Dice 0.95 / 0.85 / 0.88 within two slices), so a head that
+    disagrees with it there is not to be trusted further away. Agreement there was 0.87 (CT),
+    0.52 (MR) and 0.87 (brain); below ``TRUSTED_HEAD`` the carried mask alone is used (MR organs
+    from one slice: 0.756 instead of 0.548 for head times mask).
+    """
+    depth = len(classes)
+    region = (max(0, painted - NEAR), min(depth - 1, painted + NEAR))
+    near = [z - region[0] for z in range(region[0], region[1] + 1) if z != painted]
+    if not near:
+        return None
+    maps = runs.from_annotations(features, displacements, classes, [painted], n_classes, compact,
+                                 ["propagation", "appearance"], device, cancel, store, region=region)
+    folds = [runs.overlap_per_class(maps["appearance"][z], maps["propagation"][z], n_classes) for z in near]
+    return _mean(list(runs.pooled_dice(folds).values()))
 
 
 def _preview(volume, previous, annotated, classes, ids, names, compact, backbone, device, cancel, store, stamp):
