@@ -139,6 +139,19 @@ def test_an_example_of_another_modality_lends_its_layout_and_the_target_its_look
     assert ours > baseline + 0.02, (ours, baseline)
 
 
+def test_registrations_are_reused_when_one_more_example_is_added(phantom):
+    image, _ = phantom
+    first = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)
+    one = mv.prompt(image, examples=[first], labels=["liver"], device="cpu")
+    assert "prompt-affine" not in one.meta["cached"]
+    two = mv.prompt(image, examples=[first, ct_abdomen(seed=3, shape=SHAPE, spacing=SPACING)], labels=["liver"],
+                    device="cpu")
+    assert two.meta["cached"].count("prompt-affine") == 1  # the first example onto the target, read back
+    again = mv.prompt(image, examples=[first], labels=["liver"], device="cpu")
+    uncached = mv.prompt(image, examples=[first], labels=["liver"], device="cpu", cache=False)
+    assert np.array_equal(again.data, one.data) and np.array_equal(uncached.data, one.data)
+
+
 def test_two_examples_give_a_leave_one_out_estimate():
     shape, spacing = (12, 40, 40), (12.0, 6.4, 6.4)
     target, truth = ct_abdomen(seed=1, shape=shape, spacing=spacing)

@@ -75,6 +75,22 @@ def _register_affine(sitk, target, target_image, example, example_image, iterati
     return method.Execute(fixed, moving)
 
 
+def affine_arrays(transform) -> dict[str, np.ndarray]:
+    """A registered affine transform as arrays (to keep it in the prompt cache)."""
+    return {"parameters": np.asarray(transform.GetParameters(), dtype=np.float64),
+            "fixed": np.asarray(transform.GetFixedParameters(), dtype=np.float64)}
+
+
+def affine_from_arrays(arrays: dict[str, np.ndarray], dims: int):
+    """The ``AffineTransform`` of ``affine_arrays``: warps exactly as the registered transform did."""
+    import SimpleITK as sitk
+
+    transform = sitk.AffineTransform(dims)
+    transform.SetParameters(tuple(float(v) for v in arrays["parameters"]))
+    transform.SetFixedParameters(tuple(float(v) for v in arrays["fixed"]))
+    return transform
+
+
 def warp_to(target: Volume, example: Volume, array: np.ndarray, transform, fill: float = 0.0) -> np.ndarray:
     """``array`` on ``example``'s grid resampled (linear) onto ``target``'s grid through ``transform``."""
     import SimpleITK as sitk

@@ -246,10 +246,15 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
     step("registering examples")
     compact = _compact_in_all([p[3] for p in prepared], n_classes)
 
-    def onto(target, target_grey, members):
+    # Registrations are kept in the cache by the pixels of both scans: prompting again with one
+    # more example (the Prompt panel's "Add pair") registers only what is new.
+    stores = [VolumeCache(image, enabled=store.enabled) for image, *_ in prepared]
+
+    def onto(target, target_grey, members, target_store):
         priors, similarities = [], []
-        for image, grey, _, classes in members:
-            prior, similarity = _register_example(target, target_grey, image, grey, classes, n_classes)
+        for (image, grey, _, classes), example_store in members:
+            prior, similarity = _register_example(target, target_grey, image, grey, classes, n_classes,
+                                                  target_store, example_store)
             priors.append(prior)
             similarities.append(similarity)
             step("registering examples")
@@ -270,13 +275,13 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
     scores = {v: [] for v in runs.variants("registration")}
     for j in range(n_folds):
         target_image, grey, feats, truth = prepared[j]
-        rest = [p for i, p in enumerate(prepared) if i != j]
-        priors, similarities = onto(target_image, grey, rest)
+        rest = [(p, stores[i]) for i, p in enumerate(prepared) if i != j]
+        priors, similarities = onto(target_image, grey, rest, stores[j])
         maps = runs.from_examples(feats, priors, similarities, heads([i for i in range(n) if i != j]),
                                   n_classes, compact, list(scores), device, cancel)
         for name, pred in maps.items():
             scores[name].append(runs.overlap_per_class(pred, truth, n_classes))
-    priors, similarities = onto(volume, target_slices.mean(-1), prepared)
+    priors, similarities = onto(volume, target_slices.mean(-1), list(zip(prepared, stores)), store)
     # Without a check, trust the registration in 3D, with the head learnt on the target under it
     # (safe when the example comes from another scanner or modality); 2D photos of different
     # eyes or patients do not line up, so there the appearance head alone is the safer guess.
@@ -284,17 +289,28 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
     result = runs.from_examples(target_features, priors, similarities, heads(list(range(n))), n_classes, compact,
                                 [choice], device, cancel)[choice]
     report(progress, total, total, "done")
+    cached = list(store.hits) + [kind for one in stores for kind in one.hits]
     return _result(volume, result.reshape(volume.spatial_shape), ids, names, scores, choice,
-                   {"prompt": "examples", "n_examples": n, "cached": list(store.hits)})
+                   {"prompt": "examples", "n_examples": n, "cached": cached})
 
 
-def _register_example(target, target_grey, image, grey, classes, n_classes):
-    """``(prior (K+1, n, y, x), local similarity (n, y, x))`` of one example registered onto ``target``."""
-    from ._register import local_ncc, register_affine, warp_to
+def _register_example(target, target_grey, image, grey, classes, n_classes, target_store, example_store):
+    """``(prior (K+1, n, y, x), local similarity (n, y, x))`` of one example registered onto ``target``.
+
+    The affine transform is read from ``target_store`` when these two scans were registered before.
+    """
+    import SimpleITK as sitk
+
+    from ._register import affine_from_arrays, affine_arrays, local_ncc, register_affine, warp_to
 
     shape = target_grey.shape
     t_grey, e_grey = target_grey.reshape(target.spatial_shape), grey.reshape(image.spatial_shape)
-    transform = register_affine(target, t_grey, image, e_grey)
+    params = {"version": "affine-1", "example": example_store.content_hash() if example_store.enabled else None,
+              "example_modality": image.modality, "example_rgb": bool(image.rgb),
+              "simpleitk": sitk.Version_VersionString()}
+    arrays = target_store.get("prompt-affine", params, {"parameters": (None, "float64"), "fixed": (None, "float64")},
+                              lambda: affine_arrays(register_affine(target, t_grey, image, e_grey)))
+    transform = affine_from_arrays(arrays, len(target.spatial_shape))
     hot = runs.onehot(classes.reshape(image.spatial_shape), n_classes)
     prior = np.stack([warp_to(target, image, hot[k], transform, fill=1.0 if k == 0 else 0.0)
                       for k in range(n_classes)]).reshape((n_classes,) + shape)
