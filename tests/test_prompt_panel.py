@@ -53,7 +53,8 @@ def test_painted_slices_give_a_new_layer_that_updates_when_one_more_slice_is_pai
     wait_idle(qtbot, panel)
     result = viewer.layers[-1]
     assert result.name == "ct – prompt" and result.data.shape == truth.data.shape
-    assert panel.runner.status.text() == "done"
+    # one painted slice: nothing to hold out, and the status says how to get an estimate
+    assert panel.runner.status.text().startswith("done (") and "paint one more slice" in panel.runner.status.text()
     np.testing.assert_array_equal(mine.data, before)  # the user's layer was only read
     first = np.array(result.data, copy=True)
     assert (first[5] == LIVER).sum() > 0.5 * (truth.data[5] == LIVER).sum()
@@ -75,6 +76,7 @@ def test_painted_slices_give_a_new_layer_that_updates_when_one_more_slice_is_pai
     assert len(viewer.layers) == 3 and viewer.layers[-1] is result
     assert not np.array_equal(result.data, first)
     assert panel._last.meta["preview"] is False and panel._last.meta["annotated_slices"] == [3, 5]
+    assert "expected Dice label 1 0." in panel.runner.status.text()  # two slices: a leave-one-out estimate
 
 
 def test_a_result_the_user_corrects_is_not_overwritten(make_napari_viewer, qtbot):

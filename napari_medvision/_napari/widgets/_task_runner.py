@@ -97,8 +97,8 @@ class TaskRunner(QWidget):
             self._failed(result.error)
             return
         try:
-            on_done(result)
-            self.status.setText("done")
+            said = on_done(result)  # a panel may return a line for the status (what the result means)
+            self.status.setText(said if isinstance(said, str) else "done")
         except Exception as exc:  # showing the result failed: say so, keep napari running
             show_problem(f"could not show the result: {exc}")
 

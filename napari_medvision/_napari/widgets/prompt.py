@@ -44,6 +44,17 @@ CHOOSE_FILE = "__choose_file__"
 UPDATE_DELAY_MS = 800  # wait this long after the last brush stroke before re-running
 
 
+def summary(result) -> str:
+    """The status line for a prompt result: the variant used and the leave-one-out Dice per label."""
+    meta = result.meta or {}
+    if meta.get("preview"):
+        return "preview shown; checking with every painted slice…"
+    expected = {name: d for name, d in (meta.get("expected_dice") or {}).items() if d is not None}
+    if not expected:
+        return f"done ({meta.get('choice')}); paint one more slice or add an example for an expected Dice"
+    return f"done ({meta.get('choice')}); expected Dice " + ", ".join(f"{n} {d:.2f}" for n, d in expected.items())
+
+
 def labels_volume(layer: Labels):
     """A snapshot of a labels layer as a Volume (copied: the user may paint while the task runs)."""
     data, meta, kind = layer.as_layer_data_tuple()
@@ -236,6 +247,7 @@ class PromptWidget(QWidget):
             if not result.meta.get("preview"):
                 self._pending = False  # this was the checked prompt already
             self._show(result, inputs["key"], inputs["name"])
+            return summary(result)
 
         self.runner.start(prompt, done, **kwargs)
         self.runner.worker.finished.connect(self._run_pending)
