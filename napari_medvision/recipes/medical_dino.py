@@ -22,13 +22,14 @@ with three other recipes, ``--batch-size 128 --time-budget 330``, 1707 real + 46
 slices) made 400 steps in 330 s, about 1.2 steps/s, bound by the CPU-side multi-crop; its DINO
 loss went from 10.4 to 11.09 = ln(65536) and its iBOT loss stayed at 8.94 (ln 8192 = 9.01):
 the teacher's centred output was still uniform, i.e. nothing was learnt yet, which is what the
-issue's own 7-minute probe saw. Since then the teacher is DINOv2's Sinkhorn-Knopp one (no
+issue's own 7-minute probe saw. (That run's evaluation also stopped on a label lookup, fixed
+since, so nothing was saved.) Since then the teacher is DINOv2's Sinkhorn-Knopp one (no
 prototype may take the whole batch) and the prototypes stay fixed for the first 5 % of the run,
 as in DINO. A CPU check of that (2026-11-23, one core: depth 4, 64 px global / 32 px local
 crops, 4096 / 2048 prototypes, batch 32) made 480 steps in 20 minutes, its losses sat at
 ln K as well (8.31 / 7.53), and its liver label transfer equalled the random ViT's (0.466 vs
-0.465 at 96 px): a CPU cannot get this recipe past the plateau in a session. (That run's evaluation also stopped on a label lookup, fixed
-since, so nothing was saved.) DINO needs thousands of steps to leave that plateau; a run that
+0.465 at 96 px): a CPU cannot get this recipe past the plateau in a session. DINO needs
+thousands of steps to leave that plateau; a run that
 can show it beats the random ViT of the same shape (the card's
 ``same_for_a_random_vit_of_this_shape``) wants the GPU to itself for 25+ minutes and more loader
 workers (perhaps fewer ``DinoConfig.prototypes`` too):

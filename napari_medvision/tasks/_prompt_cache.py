@@ -47,8 +47,8 @@ class VolumeCache:
         return self._hash
 
     def key(self, kind: str, params: dict) -> str:
-        text = json.dumps([embeddings.CACHE_FORMAT, kind, self.content_hash(), self.volume.modality, bool(self.volume.rgb),
-                           params], sort_keys=True, default=str)
+        text = json.dumps([embeddings.CACHE_FORMAT, kind, self.content_hash(), self.volume.modality,
+                           bool(self.volume.rgb), params], sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
     def get(self, kind: str, params: dict, expect: Expect,

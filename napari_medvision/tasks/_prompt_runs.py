@@ -171,9 +171,10 @@ def adapted_head(target_features: np.ndarray, prior: np.ndarray, n_classes: int,
     """Probabilities of a head fitted on the target's pixels labelled by the registered ``prior``.
 
     Only pixels where the blurred prior is sure (``SURE``) teach it: the registration is roughly
-    right inside each organ and wrong near its edges. On real CT and MR from one example of the
-    other modality this beat the example-fitted head (CT -> MR Dice 0.59 vs 0.55; MR -> CT 0.33
-    vs 0.25), whose intensities mean nothing on the target.
+    right inside each organ and wrong near its edges. A labelled real CT as the example for a real
+    MR of another person: Dice 0.611 against 0.563 for affine registration, where the CT-fitted
+    head finds nothing (0.000). The other way, MR onto CT, it loses (0.353 against 0.372): CT
+    organs share intensities, so the target head learns the registration's errors.
     """
     sure = soften(prior, base=1.0)
     pseudo = np.argmax(sure, axis=0)

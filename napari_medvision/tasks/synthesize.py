@@ -132,7 +132,7 @@ def _calibrated_bounds(network, example, scale, device, overlap, batch_size, can
     from ..engine.synthesis import generate_slices
 
     images, targets = example[0], example[1]
-    units = np.asarray(scale.levels, dtype=np.float32) / max(scale.high - scale.low, 1e-6)
+    units = scale.to_unit(np.asarray(scale.levels, dtype=np.float32))
     midway = (units[1:] + units[:-1]) / 2
     picks = np.unique(np.linspace(0, len(images) - 1, min(len(images), 4)).round().astype(int))
     queries = [np.ascontiguousarray(images[j][:, ::-1]) for j in picks]
