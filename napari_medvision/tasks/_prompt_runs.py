@@ -135,8 +135,8 @@ def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similar
                   cancel: Optional[CancelToken] = None) -> dict[str, np.ndarray]:
     """Class maps ``(n, y, x)`` of each ``wanted`` variant from registered example priors and heads.
 
-    example_heads: one ``AppearanceHead`` per example (``fit_head`` on that example alone), or a
-    callable giving that list (called only when a variant needs the heads). Their probabilities
+    example_heads: a callable giving one ``AppearanceHead`` per example (``fit_head`` on that
+    example alone), called only when a variant needs the heads. Their probabilities
     are averaged: on DRIVE (3 targets) one head per photo rose with more examples (mean vessel
     Dice 0.68 / 0.72 / 0.73 from 1 / 2 / 3), one head fitted on the pooled pixels did not
     (0.68 / 0.72 / 0.67), and each head is fitted once for all leave-one-out folds.
@@ -148,8 +148,7 @@ def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similar
     anchor = np.where(prior.max(0) >= 0.5, np.argmax(prior, axis=0), -1)
     head = None
     if any(v not in ("registration", "adapted") for v in wanted):
-        heads = example_heads() if callable(example_heads) else example_heads
-        head = np.mean([h.predict(target_features) for h in heads], axis=0)
+        head = np.mean([h.predict(target_features) for h in example_heads()], axis=0)
     out = {}
     for variant in wanted:
         if variant == "registration":

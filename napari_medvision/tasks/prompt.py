@@ -125,8 +125,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     scores = {v: [] for v in runs.variants("propagation")}
     for i, hidden in enumerate(annotated if n_folds else []):
         rest = [a for a in annotated if a != hidden]
-        below, above = [a for a in rest if a < hidden], [a for a in rest if a > hidden]
-        region = (below[-1] if below else hidden, above[0] if above else hidden)
+        region = _slab(hidden, rest, hidden, hidden)
         maps = runs.from_annotations(features, displacements, classes, rest, n_classes, compact, list(scores),
                                      device, cancel, store, region=region)
         for name, pred in maps.items():
@@ -174,6 +173,13 @@ def _head_agreement(features, displacements, classes, painted, n_classes, compac
     return _mean(list(runs.pooled_dice(folds).values()))
 
 
+def _slab(z: int, others: list[int], first: int, last: int) -> tuple[int, int]:
+    """The slices a change at slice ``z`` reaches when masks are carried from the sorted ``others``:
+    from the nearest of them below ``z`` (else ``first``) to the nearest above (else ``last``)."""
+    below, above = [a for a in others if a < z], [a for a in others if a > z]
+    return (below[-1] if below else first, above[0] if above else last)
+
+
 def _preview(volume, previous, annotated, classes, ids, names, compact, backbone, device, cancel, store, stamp):
     """``previous`` with the slabs that newly annotated slices change redone, or None where that is not valid.
 
@@ -198,8 +204,7 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
     depth = classes.shape[0]
     regions = []
     for z in sorted(set(annotated) - set(old)):
-        below, above = [a for a in annotated if a < z], [a for a in annotated if a > z]
-        lo, hi = (below[-1] if below else 0), (above[0] if above else depth - 1)
+        lo, hi = _slab(z, annotated, 0, depth - 1)
         if regions and lo <= regions[-1][1]:
             regions[-1] = (regions[-1][0], max(hi, regions[-1][1]))
         else:
@@ -208,7 +213,7 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
     slices, features, _ = _features(volume, backbone, device, cancel, store, only=needed)
     displacements = _displacements(slices, store, None, cancel, (0, 1))
     choice = meta["choice"]
-    out = before.copy()
+    out = before  # a new array already (fancy indexing): the previous result is not touched
     for lo, hi in regions:
         out[lo:hi + 1] = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
                                                [choice], device, cancel, store, region=(lo, hi),
