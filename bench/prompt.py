@@ -5,7 +5,9 @@ DINO backbone (``--model``; default a random ViT-S/14: speed does not depend on 
 Measures, one JSON line each (best of ``--repeat``; device and date in every line):
 
 - ``content_hash``: blake2b of every voxel (the cache key);
-- ``embed``: ``slice_features`` with an empty cache (compute + write the zarr store);
+- ``embed``: ``slice_features`` with an empty cache (compute; the zarr store is written by a
+  background thread while the caller goes on);
+- ``embed_stored``: the same until the store is on disk (``flush_cache_writes``);
 - ``cache_read``: ``slice_features`` again (verify + read);
 - ``prompt_cold``: ``mv.prompt(vol, annotations=<2 slices>)`` with an empty prompt cache (demons
   fields, DINO PCA and heads computed and stored; the DINO embeddings themselves are
@@ -84,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MEDVISION_HOME"] = tempfile.mkdtemp(prefix="medvision-bench-")  # an empty cache
 
     from napari_medvision.engine.device import resolve_device
-    from napari_medvision.engine.embeddings import EmbeddingConfig, content_hash, slice_features
+    from napari_medvision.engine.embeddings import EmbeddingConfig, content_hash, flush_cache_writes, slice_features
     from napari_medvision.models.dino import load_backbone
     from napari_medvision.synthetic import ct_abdomen
     from napari_medvision.tasks.prompt import prompt
@@ -114,9 +116,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_dino:
         # A warm-up on two slices (kernels, allocator), then the full volume into an empty cache.
         slice_features(image.data[:2], backbone, device=device, cache=False)
+        start = time.perf_counter()
         seconds, feats = timed(lambda: slice_features(image, backbone, device=device, batch_size=args.batch_size),
                                1, sync)
+        flush_cache_writes()
+        stored = time.perf_counter() - start
         emit("embed", seconds, grid=list(feats.patch_grid), cache_megabytes=round(feats.features.nbytes / 2**20, 1))
+        emit("embed_stored", stored)
         seconds, feats = timed(lambda: slice_features(image, backbone, device=device), args.repeat, sync)
         assert feats.from_cache
         emit("cache_read", seconds)

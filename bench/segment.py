@@ -111,11 +111,13 @@ class Setup:
         self.ct = make_ct(args.slices, args.size)
         self.image = prepare_image(self.ct, self.card.input, self.device)
 
-    def medvision(self, batch_size: int):
+    def medvision(self, batch_size: int, channels_last_3d: bool = False):
         from napari_medvision.engine.inference import sliding_window
 
-        return lambda: sliding_window(self.network, self.image, self.roi, overlap=self.args.overlap,
-                                      batch_size=batch_size, device=self.device, out_device=None)
+        network = copy.deepcopy(self.network) if channels_last_3d else self.network  # it changes the weights' layout
+        return lambda: sliding_window(network, self.image, self.roi, overlap=self.args.overlap,
+                                      batch_size=batch_size, device=self.device, out_device=None,
+                                      channels_last_3d=channels_last_3d)
 
     def monai(self, batch_size: int):
         from monai.inferers import sliding_window_inference
@@ -223,6 +225,11 @@ def main() -> None:
         seconds, _, peak = best_time(setup.medvision(batch), args.device, args.repeat)
         emit({"measure": "sliding_window", "impl": "medvision", "batch_size": batch, "seconds": round(seconds, 3)},
              peak)
+
+    if gpu:  # the layout the engine used before (slower for MONAI's network at batch 4, 2026-11-23)
+        seconds, _, peak = best_time(setup.medvision(ours_batch, channels_last_3d=True), args.device, args.repeat)
+        emit({"measure": "sliding_window", "impl": "medvision", "layout": "channels_last_3d",
+              "batch_size": ours_batch, "seconds": round(seconds, 3)}, peak)
 
     sweep = args.monai_batches or ("1,2,4,8" if gpu else "1,2,4")
     monai_best = None

@@ -7,7 +7,8 @@ import pytest
 import torch
 import zarr
 
-from napari_medvision.engine.embeddings import EmbeddingConfig, cache_dir, content_hash, slice_features
+from napari_medvision.engine.embeddings import (EmbeddingConfig, cache_dir, content_hash, flush_cache_writes,
+                                               slice_features)
 from napari_medvision.engine.progress import CancelToken, Cancelled
 from napari_medvision.models.dino import load_backbone
 from napari_medvision.volume import Volume
@@ -28,6 +29,8 @@ def ct():
 
 
 def _store(features):
+    """The entry on disk (the store is written in the background: wait for it first)."""
+    flush_cache_writes()
     return cache_dir() / f"{features.key}.zarr"
 
 
@@ -137,4 +140,16 @@ def test_cancel_stops_between_batches_and_leaves_no_cache(ct, backbone):
         slice_features(ct, backbone, config=SMALL, batch_size=2, progress=progress, cancel=token)
 
     assert seen[:2] == [(0, 5), (2, 5)]
+    flush_cache_writes()
     assert not cache_dir().exists() or not any(cache_dir().iterdir())
+
+
+def test_the_store_is_written_in_the_background_and_complete_after_a_flush(ct, backbone):
+    feats = slice_features(ct, backbone, config=SMALL)  # returns while its store may still be written
+
+    flush_cache_writes()
+
+    assert _store(feats).is_dir() and not list(cache_dir().glob(".*.partial"))
+    again = slice_features(ct, backbone, config=SMALL)
+    assert again.from_cache
+    np.testing.assert_array_equal(again.features, feats.features)

@@ -18,13 +18,16 @@ to read, is deleted and recomputed: a cache entry is never trusted blindly.
 
 from __future__ import annotations
 
+import atexit
 import hashlib
 import json
 import math
 import os
 import shutil
+import threading
 import uuid
 import zlib
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Sequence
@@ -214,12 +217,50 @@ def _crc(features: np.ndarray) -> int:
 
 def _read_cache(path: Path, expect: dict[str, Any]) -> Optional[np.ndarray]:
     """The cached features if the store is complete and intact, else ``None`` (and it is removed)."""
+    _wait_for_write(path)
     arrays = read_arrays(path, expect["key"], {"features": (expect["shape"], "float16")})
     return None if arrays is None else arrays["features"]
 
 
-def _write_cache(path: Path, features: np.ndarray, key: str) -> None:
-    write_arrays(path, key, {"features": features})
+# Writing the features is left to one background thread: on an H100 the 300-slice embedding took
+# 2.0 s and writing its 225 MB store alone 0.76 s on the CPU, so the caller gets its features
+# while they are stored. A read of the same entry waits for its write; the process waits for all
+# of them at exit (``flush_cache_writes``), and an interrupted write leaves only a ``.partial``
+# folder, never an entry that looks complete.
+_writer: Optional[ThreadPoolExecutor] = None
+_pending: dict[Path, Future] = {}
+_pending_lock = threading.Lock()
+
+
+def _write_cache(path: Path, features: np.ndarray, key: str, background: bool = True) -> None:
+    """Store ``features`` (not to be changed afterwards: the write may still be reading them)."""
+    global _writer
+    if not background:
+        write_arrays(path, key, {"features": features})
+        return
+    with _pending_lock:
+        if _writer is None:
+            _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvision-cache")
+        _pending[path] = _writer.submit(write_arrays, path, key, {"features": features})
+
+
+def _wait_for_write(path: Path) -> None:
+    with _pending_lock:
+        future = _pending.pop(path, None)
+    if future is not None:
+        future.result()
+
+
+def flush_cache_writes() -> None:
+    """Wait until every feature store queued for writing is on disk."""
+    with _pending_lock:
+        futures = list(_pending.values())
+        _pending.clear()
+    for future in futures:
+        future.result()
+
+
+atexit.register(flush_cache_writes)
 
 
 def read_arrays(path: Path, key: str,
@@ -362,14 +403,25 @@ def slice_features(volume: Any, backbone, device: str | None = None, batch_size:
     device = resolve_device(device)
     backbone.to(device)
     lo, hi = _intensity_range(data, rgb, config)
-    features = np.empty(shape, dtype=np.float16)
+    # On a GPU the batches stay there and come to the host in one copy at the end: a copy per
+    # batch makes the host wait for every batch before it can queue the next one.
+    on_host = torch.device(device).type == "cpu"
+    features = np.empty(shape, dtype=np.float16) if on_host else None
+    batches = []
     report(progress, 0, n, "computing image features")
     for start in range(0, n, batch_size):
         check(cancel)
         stop = min(n, start + batch_size)
         images = _prepare(np.asarray(data[start:stop]), rgb, lo, hi, size, device)
-        features[start:stop] = backbone.features(images).to(torch.float16).cpu().numpy()
+        out = backbone.features(images).to(torch.float16)
+        if on_host:
+            features[start:stop] = out.numpy()
+        else:
+            batches.append(out)
         report(progress, stop, n, "computing image features")
+    if not on_host:
+        features = torch.cat(batches).cpu().numpy()
+        del batches
     if cache and path is not None:
         _write_cache(path, features, key)
     return FeatureVolume(features, (H, W), size, p, key, False, config)

@@ -83,15 +83,16 @@ def _memory_format(ndim: int):
     return torch.channels_last if ndim == 4 else torch.channels_last_3d
 
 
-def _to_channels_last(network: torch.nn.Module) -> None:
-    """Conv weights in channels-last layout (faster cuDNN kernels); values are unchanged."""
+def _to_channels_last(network: torch.nn.Module, dims: tuple[int, ...] = (4,)) -> None:
+    """Conv weights of these ranks in channels-last layout (faster cuDNN kernels); values are unchanged."""
     for p in network.parameters():
-        if p.dim() in (4, 5):
+        if p.dim() in dims:
             p.data = p.data.contiguous(memory_format=_memory_format(p.dim()))
 
 
-def _forward(network, tiles: torch.Tensor, amp_dtype, activation: Optional[str]) -> torch.Tensor:
-    if tiles.is_cuda:
+def _forward(network, tiles: torch.Tensor, amp_dtype, activation: Optional[str],
+             channels_last_3d: bool = False) -> torch.Tensor:
+    if tiles.is_cuda and (tiles.dim() == 4 or channels_last_3d):
         tiles = tiles.contiguous(memory_format=_memory_format(tiles.dim()))
     with torch.autocast(tiles.device.type, dtype=amp_dtype or torch.float32, enabled=amp_dtype is not None):
         out = network(tiles)
@@ -187,6 +188,7 @@ def sliding_window(
     compile: bool = False,
     out_device: str | torch.device | None = "cpu",
     stats: Optional[dict[str, Any]] = None,
+    channels_last_3d: bool = False,
 ) -> torch.Tensor:
     """Class probabilities ``(n_classes, *spatial)`` for ``image`` ``(C, *spatial)``, 2D or 3D.
 
@@ -200,6 +202,11 @@ def sliding_window(
     out_device: where the result goes; ``None`` leaves it where it was accumulated.
     stats: if given, filled with the device used, final batch size, window count and where the
         blend was accumulated.
+    channels_last_3d: run 3D convolutions in the channels-last-3d layout on CUDA (2D ones always
+        run channels-last there). Off by default: on an H100 (2026-11-23, ``bench/segment.py``,
+        the ``base`` preset at MONAI's batch of 4) this engine with it took 0.538 s against
+        MONAI's 0.424 s in the default layout, the layout being the main difference between the
+        two loops (cuDNN's 3D convolutions and instance norm are not always faster channels-last).
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -215,7 +222,7 @@ def sliding_window(
     was_training = network.training
     network = network.to(dev).eval()
     if dev.type == "cuda":
-        _to_channels_last(network)
+        _to_channels_last(network, (4, 5) if channels_last_3d else (4,))
         free, _ = torch.cuda.mem_get_info(dev)
         if image.device != dev and image.numel() * 4 < free // 4:
             image = image.to(dev, torch.float32)  # tiles are then cut on the GPU, no per-batch copies
@@ -239,7 +246,8 @@ def sliding_window(
                     tiles = torch.zeros((rows, image.shape[0], *roi), dtype=torch.float32, device=image.device)
                     for i, (source, target) in enumerate(batch):
                         tiles[(i, slice(None), *target)] = image[(slice(None), *source)]
-                    probs = _forward(run, tiles.to(dev, non_blocking=True), amp_dtype, activation)[:len(batch)]
+                    probs = _forward(run, tiles.to(dev, non_blocking=True), amp_dtype, activation,
+                                     channels_last_3d)[:len(batch)]
                     if acc is None:
                         acc = _Blend(probs.shape[1], spatial, dev, out_dtype, progress)
                         acc_weights = weights.to(acc.device)
@@ -286,16 +294,19 @@ def sliding_window(
 # --- a model card's recipe on a Volume --------------------------------------------------------
 
 def default_batch_size(patch_size: Sequence[int], device: str) -> int:
-    """Windows per call: about 8M voxels per batch on a GPU, 1M on a CPU.
+    """Windows per call: about 8M voxels per batch on a GPU, 0.4M (and at least 2) on a CPU.
 
     On an H100 (2026-11-23, ``bench/segment.py``, a 64x128x128 window) MONAI's loop ran fastest at
     8 windows (0.357 s against 0.424 s at 4) on the same network; 8M voxels is that batch.
+    On the 2-core CPU (2026-11-23, the shipped CT model, 32x80x80 windows, one thread) both this
+    engine and MONAI's were fastest at 2 windows (6.95 / 6.79 s), slower at 4 (7.84 / 7.74 s) and
+    four times slower at 1 (28.6 / 26.4 s: oneDNN's 3D kernels for a batch of one).
     Out-of-memory halves it (``sliding_window``).
     """
     voxels = int(np.prod(patch_size))
     if device.startswith("cuda"):
         return int(np.clip(round(2**23 / voxels), 1, 32))
-    return int(np.clip(round(2**20 / voxels), 1, 8))
+    return int(np.clip(round(4e5 / voxels), 2, 8))
 
 
 def model_spacing(volume: Volume, card_input: dict[str, Any]) -> tuple | None:
