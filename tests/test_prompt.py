@@ -240,3 +240,15 @@ def test_dino_features_join_the_head_when_a_backbone_is_named():
     target, _ = fundus_photo(seed=1, size=(96, 96))
     result = mv.prompt(target, examples=[fundus_photo(seed=2, size=(96, 96))], model="random-vits14", device="cpu")
     assert result.data.shape == (96, 96) and result.labels == {1: "vessel"}
+
+
+def test_intensity_features_in_parallel_blocks_equal_one_pass():
+    from napari_medvision.tasks._features import _filter_responses, intensity_features
+
+    slices = np.random.default_rng(0).random((19, 40, 48, 3)).astype(np.float32)  # 3 blocks, colour
+
+    one_pass = _filter_responses(slices)
+
+    assert intensity_features(slices).shape == (19, 40, 48, 30)
+    np.testing.assert_array_equal(intensity_features(slices, workers=3), one_pass)
+    np.testing.assert_array_equal(intensity_features(slices, workers=1), one_pass)

@@ -128,3 +128,22 @@ def test_the_cache_keeps_under_its_size_cap_dropping_the_least_recently_used(tmp
 
     assert paths["A"].is_dir() and paths["C"].is_dir()
     assert not paths["B"].exists()  # least recently used
+
+
+def test_a_part_of_a_stack_is_read_and_verified_alone(tmp_path):
+    from napari_medvision.engine.embeddings import read_arrays, write_arrays
+
+    fields = np.random.default_rng(1).random((6, 2, 8, 8)).astype(np.float32)
+    expect = {"f": (fields.shape, "float32")}
+    path = tmp_path / "fields.zarr"
+    write_arrays(path, "k", {"f": fields})
+    chunk = sorted(p for p in (path / "f").rglob("*") if p.is_file() and p.name != "zarr.json")[0]  # slice 0
+    damaged = bytearray(chunk.read_bytes())
+    damaged[10] ^= 0x01
+    chunk.write_bytes(bytes(damaged))
+
+    part = read_arrays(path, "k", expect, rows={"f": [3, 2]})  # slice 0 is not read, so not checked
+
+    np.testing.assert_array_equal(part["f"][2:4], fields[2:4])
+    assert read_arrays(path, "k", expect, rows={"f": [0, 1]}) is None  # slice 0 is read: its CRC fails
+    assert not path.exists()  # and the entry is gone, to be rebuilt

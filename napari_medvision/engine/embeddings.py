@@ -263,12 +263,45 @@ def flush_cache_writes() -> None:
 atexit.register(flush_cache_writes)
 
 
-def read_arrays(path: Path, key: str,
-                expect: dict[str, tuple[Optional[Sequence[int]], str]]) -> Optional[dict[str, np.ndarray]]:
+def _row_crcs(values: np.ndarray) -> list[int]:
+    """CRC32 of every slice (row along axis 0): a part of a stack can be verified alone."""
+    return [zlib.crc32(memoryview(np.ascontiguousarray(one)).cast("B")) for one in values]
+
+
+def _checked(array, info: dict, rows: Optional[Sequence[int]]) -> Optional[np.ndarray]:
+    """The stored ``array`` (or only its ``rows``; the others left unset), or None if a checksum fails."""
+    per_row = info.get("crc32_rows")
+    if rows is None or per_row is None:
+        values = array[...]
+        ok = _row_crcs(values) == per_row if per_row is not None else _crc(values) == info.get("crc32")
+        return values if ok else None
+    values = np.empty(array.shape, dtype=array.dtype)  # rows never written commit no memory
+    wanted = sorted({int(r) for r in rows})
+    for start, stop in _runs(wanted):
+        values[start:stop] = array[start:stop]
+    return values if all(_row_crcs(values[r:r + 1])[0] == per_row[r] for r in wanted) else None
+
+
+def _runs(rows: list[int]) -> list[tuple[int, int]]:
+    """Sorted row numbers as ``[start, stop)`` runs of consecutive rows (one read each)."""
+    runs: list[tuple[int, int]] = []
+    for r in rows:
+        if runs and r == runs[-1][1]:
+            runs[-1] = (runs[-1][0], r + 1)
+        else:
+            runs.append((r, r + 1))
+    return runs
+
+
+def read_arrays(path: Path, key: str, expect: dict[str, tuple[Optional[Sequence[int]], str]],
+                rows: Optional[dict[str, Sequence[int]]] = None) -> Optional[dict[str, np.ndarray]]:
     """Named arrays of a complete, intact store at ``path``, else ``None`` (and the store is removed).
 
     expect: ``{name: (shape, dtype)}``; the marker's key, every shape, dtype and CRC32 must match
     (a shape of ``None``: whatever the marker records, still checked against the stored array).
+    rows: ``{name: slices}`` to read (and verify) only these rows of a stack of slices; the rest
+    of that array is left unset. A preview of a 300x512x512 prompt needs the demons fields of a
+    few slices, not the 0.6 GB of all of them.
     Shared by every cache of per-volume work (features here, prompt fields and features in
     ``tasks._prompt_cache``), so they all verify the same way.
     """
@@ -288,8 +321,8 @@ def read_arrays(path: Path, key: str,
             if (recorded != list(array.shape) or (shape is not None and recorded != list(shape))
                     or array.dtype != np.dtype(dtype) or info.get("dtype") != np.dtype(dtype).str):
                 break
-            values = array[...]
-            if _crc(values) != info.get("crc32"):
+            values = _checked(array, info, (rows or {}).get(name))
+            if values is None:
                 break
             out[name] = values
         else:
@@ -320,7 +353,11 @@ def write_arrays(path: Path, key: str, arrays: dict[str, np.ndarray]) -> None:
             array = group.create_array(name, shape=values.shape, dtype=values.dtype, chunks=chunks,
                                        compressors=None, fill_value=0)
             array[...] = values
-            listed[name] = {"shape": list(values.shape), "dtype": values.dtype.str, "crc32": _crc(values)}
+            listed[name] = {"shape": list(values.shape), "dtype": values.dtype.str}
+            if chunks[0] == 1 and values.ndim >= 3:
+                listed[name]["crc32_rows"] = _row_crcs(values)
+            else:
+                listed[name]["crc32"] = _crc(values)
         group.attrs[MARKER] = {"complete": True, "key": key, "arrays": listed, "format": CACHE_FORMAT}
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)

@@ -51,8 +51,40 @@ INTENSITY_VERSION = "intensity-1"  # bump when the filters below change meaning 
 PER_CHANNEL = 1 + len(SMOOTH) + 3 * len(EDGES)
 
 
-def intensity_features(slices: np.ndarray) -> np.ndarray:
+def intensity_features(slices: np.ndarray, workers: Optional[int] = None) -> np.ndarray:
     """``(n, y, x, F)`` float32 filter responses of ``slices`` ``(n, y, x, c)``, ``F = 10 c``.
+
+    workers: threads over blocks of slices (default: one per CPU core). Every filter works
+    within a slice and scipy.ndimage releases the GIL, so blocks give the same numbers as one
+    pass: at 512x512 the filters of 25 slices took 3.1 s of a 9 s preview on one core. Blocks of
+    ``BLOCK`` slices written into one output also keep the peak memory near the output's own
+    size (one pass over 300x512x512 held every filter response twice: 6 GB).
+    """
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    n, y, x, c = slices.shape
+    out = np.empty((n, y, x, PER_CHANNEL * c), dtype=np.float32)
+
+    def fill(start: int) -> None:
+        out[start:start + BLOCK] = _filter_responses(slices[start:start + BLOCK])
+
+    starts = range(0, n, BLOCK)
+    workers = max(1, min(workers or os.cpu_count() or 1, len(starts)))
+    if workers == 1:
+        for start in starts:
+            fill(start)
+    else:
+        with ThreadPoolExecutor(workers) as pool:
+            list(pool.map(fill, starts))
+    return out
+
+
+BLOCK = 8  # slices per block of intensity_features
+
+
+def _filter_responses(slices: np.ndarray) -> np.ndarray:
+    """``intensity_features`` of one block of slices, in this thread.
 
     Kept float32: rounding to float16 (relative error 5e-4) moved the
     real-CT "appearance alone" Dice from 0.788 to 0.749, so the head is not robust to it.

@@ -51,18 +51,20 @@ class VolumeCache:
                            bool(self.volume.rgb), params], sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
-    def get(self, kind: str, params: dict, expect: Expect,
-            compute: Callable[[], dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    def get(self, kind: str, params: dict, expect: Expect, compute: Callable[[], dict[str, np.ndarray]],
+            rows: Optional[dict[str, list[int]]] = None) -> dict[str, np.ndarray]:
         """``compute()``'s arrays, read from the cache when an intact entry exists, else computed and stored.
 
         expect: ``{name: (shape or None, dtype)}``; ``None`` takes the shape recorded in the entry
         (still checked against the stored array and its checksum).
+        rows: read only these rows of the named stacks from an existing entry (the others are
+        left unset); a miss still computes and returns everything.
         """
         if not self.enabled:
             return compute()
         key = self.key(kind, params)
         path = embeddings.cache_dir() / f"{key}.zarr"
-        found = embeddings.read_arrays(path, key, expect)
+        found = embeddings.read_arrays(path, key, expect, rows)
         if found is not None:
             self.hits.append(kind)
             return found

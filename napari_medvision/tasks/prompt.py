@@ -196,10 +196,10 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
             or meta.get("features") != stamp["features"] or not set(old) < set(annotated)
             or dict(previous.labels or {}) != {int(k): names[k] for k in ids} or meta.get("choice") is None):
         return None
-    lookup = np.zeros(max(int(np.asarray(previous.data).max()), max(ids)) + 1, dtype=np.int32)
+    earlier = np.asarray(previous.data)
+    lookup = np.zeros(max(int(earlier[old].max()), max(ids)) + 1, dtype=np.int32)
     lookup[ids] = np.arange(1, len(ids) + 1)
-    before = lookup[np.asarray(previous.data)]
-    if not np.array_equal(before[old], classes[old]):
+    if earlier[old].max() > max(ids) or not np.array_equal(lookup[earlier[old]], classes[old]):
         return None  # an earlier slice was repainted: its head and folds are stale
     depth = classes.shape[0]
     regions = []
@@ -211,15 +211,19 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
             regions.append((lo, hi))
     needed = set(old) | {z for lo, hi in regions for z in range(lo, hi + 1)}
     slices, features, _ = _features(volume, backbone, device, cancel, store, only=needed)
-    displacements = _displacements(slices, store, None, cancel, (0, 1))
+    pairs = [z for lo, hi in regions for z in range(lo, hi)]  # the field between slices z and z + 1
+    displacements = _displacements(slices, store, None, cancel, (0, 1), rows=pairs)
     choice = meta["choice"]
-    out = before  # a new array already (fancy indexing): the previous result is not touched
+    out_ids = np.array([0] + list(ids))
+    # The previous result's ids are kept as they are outside the slabs (a copy: it is not touched);
+    # mapping all of a 300x512x512 volume to classes and back cost ~1.5 s of a preview.
+    out = np.array(earlier, dtype=_label_dtype(ids))
     for lo, hi in regions:
-        out[lo:hi + 1] = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
-                                               [choice], device, cancel, store, region=(lo, hi),
-                                               learn_from=old)[choice]
+        out[lo:hi + 1] = out_ids[runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1,
+                                                       compact, [choice], device, cancel, store, region=(lo, hi),
+                                                       learn_from=old)[choice]]
     meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=True, redone=regions)
-    return _result(volume, out, ids, names, {}, choice, meta)
+    return _result(volume, None, ids, names, {}, choice, meta, data=out)
 
 
 # --- example scans ------------------------------------------------------------------------------
@@ -367,14 +371,18 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None):
     return slices, features, basis
 
 
-def _displacements(slices, store, progress, cancel, step):
-    """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
+def _displacements(slices, store, progress, cancel, step, rows=None):
+    """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume.
+
+    rows: only these fields are needed (a preview); read just them when the cache has the entry.
+    """
     from ._propagate import demons_key, slice_displacements
 
     z, y, x = slices.shape[:3]
     got = store.get("prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")},
                     lambda: {"displacements": slice_displacements(slices.mean(-1), progress=progress, cancel=cancel,
-                                                                  step=step)})
+                                                                  step=step)},
+                    rows=None if rows is None else {"displacements": rows})
     return got["displacements"]
 
 
@@ -410,10 +418,14 @@ def _mean(values):
     return float(np.mean(values)) if values else None
 
 
-def _result(volume, classes, ids, names, scores, choice, meta):
-    out_ids = np.array([0] + list(ids))
-    dtype = np.uint8 if max(ids) < 256 else np.uint16
-    data = out_ids[classes].astype(dtype)
+def _label_dtype(ids):
+    return np.uint8 if max(ids) < 256 else np.uint16
+
+
+def _result(volume, classes, ids, names, scores, choice, meta, data=None):
+    """The labels Volume of ``classes`` (0..K) with the labels' own ids (or ``data``, already in ids)."""
+    if data is None:
+        data = np.array([0] + list(ids))[classes].astype(_label_dtype(ids))
     pooled = runs.pooled_dice(scores.get(choice, []))
     expected = {names[k]: pooled.get(i + 1) for i, k in enumerate(ids)}
     summary = {v: _mean(list(runs.pooled_dice(folds).values())) for v, folds in scores.items()}
