@@ -25,6 +25,7 @@ import torch
 import torch.nn.functional as F
 
 from .card import CardError, sha256_of
+from .registry import register_architecture
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -107,6 +108,12 @@ def create_network(name: str, **overrides: Any) -> torch.nn.Module:
     import timm
 
     return timm.create_model(name, pretrained=False, num_classes=0, dynamic_img_size=True, **overrides)
+
+
+@register_architecture("dino")
+def _from_card(config: dict[str, Any]) -> torch.nn.Module:
+    """A card's DINO ViT (``{"timm_name": ..., "overrides": {...}}``), as ``load_model`` builds every network."""
+    return create_network(config["timm_name"], **dict(config.get("overrides") or {}))
 
 
 def architecture_of(state: dict[str, torch.Tensor]) -> tuple[str, dict[str, Any]]:

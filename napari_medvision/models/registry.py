@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # torch is imported only when a model is built
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], "torch.nn.Module"]] = {}
-_ARCHITECTURE_MODULES = ("transunet", "mvg", "appearance_head")
+_ARCHITECTURE_MODULES = ("transunet", "mvg", "appearance_head", "dino")
 
 
 def register_architecture(name: str):

@@ -17,22 +17,17 @@ are cut along all three axes, label maps skipped) plus synthetic CT/MR/OCT/fundu
 ``napari_medvision.synthetic``. No labels are used; ``--hold-out`` files are kept out for the
 evaluation (label transfer from one slice to the others by nearest class mean, Dice).
 
-STATUS: NOT trained; no weights shipped. The one GPU run so far (2026-11-23, one H100 shared
-with three other recipes, ``--batch-size 128 --time-budget 330``, 1707 real + 4634 synthetic
-slices) made 400 steps in 330 s, about 1.2 steps/s, bound by the CPU-side multi-crop; its DINO
-loss went from 10.4 to 11.09 = ln(65536) and its iBOT loss stayed at 8.94 (ln 8192 = 9.01):
-the teacher's centred output was still uniform, i.e. nothing was learnt yet, which is what the
-issue's own 7-minute probe saw. (That run's evaluation also stopped on a label lookup, fixed
-since, so nothing was saved.) Since then the teacher is DINOv2's Sinkhorn-Knopp one (no
-prototype may take the whole batch) and the prototypes stay fixed for the first 5 % of the run,
-as in DINO. A CPU check of that (2026-11-23, one core: depth 4, 64 px global / 32 px local
-crops, 4096 / 2048 prototypes, batch 32) made 480 steps in 20 minutes, its losses sat at
-ln K as well (8.31 / 7.53), and its liver label transfer equalled the random ViT's (0.466 vs
-0.465 at 96 px): a CPU cannot get this recipe past the plateau in a session. DINO needs
-thousands of steps to leave that plateau; a run that
-can show it beats the random ViT of the same shape (the card's
-``same_for_a_random_vit_of_this_shape``) wants the GPU to itself for 25+ minutes and more loader
-workers (perhaps fewer ``DinoConfig.prototypes`` too):
+STATUS: shipped at CPU scale (2026-11-23): ``--preset cpu --steps 1800 --batch-size 32 --threads 1``
+(a 4-block ViT-Ti/8, 64 / 32 px crops, 57 minutes on one core). On the held-out real CT its
+features raise the prompt's appearance head above a random ViT of the same shape (organs, 1 / 2 /
+3 painted slices: 0.798 / 0.902 / 0.913 against 0.785 / 0.837 / 0.889; the card and
+docs/prompting.md). Two earlier runs had learnt nothing: on an H100 shared with three other
+recipes (``--batch-size 128 --time-budget 330``, 400 steps) and in a one-core CPU check, DINO's
+learning rate for 100-epoch runs (5e-4 per 256 images) with 65536 / 4096 prototypes left both
+losses at ln K, the uniform output. At 1e-3, 256 / 128 prototypes and a faster teacher
+(``DinoConfig.cpu``) both fell below ln K within a few hundred steps. A GPU run should redo it
+with the full 12 blocks at 224 px, as long as the GPU allows (with more loader workers, and
+probably the learning rate and prototype count of the CPU preset rather than DINO's defaults):
 
     python -m napari_medvision.recipes.medical_dino --steps 60000 --batch-size 128 --workers 14 --out weights
 
@@ -432,7 +427,6 @@ def label_transfer_dice(backbone, image, labels, slices: list[int], label: int, 
 
 def main(argv: list[str] | None = None) -> int:
     from ..engine.device import resolve_device
-    from ..models.dino import Backbone, state_checksum
     from .common import data_dir, recipe_arguments
 
     parser = recipe_arguments(__doc__.splitlines()[0], steps=60000, batch_size=128, preset="small")
@@ -459,14 +453,55 @@ def main(argv: list[str] | None = None) -> int:
     if args.smoke:
         print("smoke run: nothing saved")
         return 0
+    command = "python -m napari_medvision.recipes.medical_dino " + " ".join(argv if argv is not None else sys.argv[1:])
+    ship(teacher.backbone.cpu(), config, history, seconds, args.batch_size, device, args.seed, args.out, command)
+    return 0
+
+
+ORGANS = ("liver", "spleen", "kidney_right", "kidney_left")
+
+
+def prompting_dice(backbone, image, labels: np.ndarray, counts=(1, 2, 3),
+                   variants=("appearance", None)) -> dict[str, float]:
+    """Mean Dice of ``ORGANS`` from ``mv.prompt`` with this backbone's features, painting 1, 2, 3 slices.
+
+    The issue's test of a medical DINO: the prompt's appearance head alone (where features
+    matter most) and the whole method, slices spread evenly over the organs' extent.
+    """
+    from ..synthetic.ct import LABELS
+    from ..tasks.prompt import prompt
+
+    ids = [k for k, v in LABELS.items() if v in ORGANS]
+    kept = np.where(np.isin(labels, ids), labels, 0).astype(np.uint8)
+    truth = image.with_data(kept, labels={k: LABELS[k] for k in ids})
+    extent = np.flatnonzero(kept.reshape(kept.shape[0], -1).any(1))
+    out = {}
+    for n in counts:
+        chosen = sorted({int(extent[0] + (i + 0.5) * (extent[-1] - extent[0] + 1) / n) for i in range(n)})
+        painted = np.zeros_like(kept)
+        painted[chosen] = kept[chosen]
+        for variant in variants:
+            result = np.asarray(prompt(image, annotations=truth.with_data(painted), model=backbone,
+                                       variant=variant, device="cpu", cache=False).data)
+            dice = [2 * ((result == k) & (kept == k)).sum() / ((result == k).sum() + (kept == k).sum())
+                    for k in ids if (result == k).any() or (kept == k).any()]
+            out[f"{n}_slices_{variant or 'method'}"] = round(float(np.mean(dice)), 3)
+    return out
+
+
+def ship(network, config: DinoConfig, history, seconds: float, batch_size: int, device: str, seed: int, out,
+         command: str) -> None:
+    """Card (metrics on the held-out real CT, against a random ViT of the same shape) and weights into ``out``."""
+    from datetime import date
+
     from ..models.card import ModelCard
-    from ..models.dino import create_network
+    from ..models.dino import Backbone, create_network, state_checksum
     from .common import device_summary, save_shipped
     from .ct_organs import LABELS, real_ct
 
-    backbone = Backbone(teacher.backbone.cpu(), TIMM_NAME, state_checksum(teacher.backbone.state_dict()))
+    backbone = Backbone(network.eval(), TIMM_NAME, state_checksum(network.state_dict()))
     overrides = dict(OVERRIDES, img_size=config.global_size, **({"depth": config.depth} if config.depth else {}))
-    torch.manual_seed(args.seed)
+    torch.manual_seed(seed)
     untrained = create_network(TIMM_NAME, **overrides).eval()  # the same shape, never trained
     random_vit = Backbone(untrained, TIMM_NAME, state_checksum(untrained.state_dict()))
     ct, label_array = real_ct()  # TotalSegmentator ids mapped to ours, which name liver
@@ -481,14 +516,19 @@ def main(argv: list[str] | None = None) -> int:
                "channels": 3, "short_side": 448},
         training={"data": "all of ../shared/data except the held-out files, all three slice axes; synthetic "
                           "CT/MR/OCT/fundus", "held_out": list(HOLD_OUT), "steps": len(history),
-                  "batch_size": args.batch_size, "device": device_summary(device), "wall_time_s": round(seconds),
-                  "recipe": "napari_medvision.recipes.medical_dino", "final_loss": last},
-        metrics={"liver_label_transfer_dice_example_ct_sm": label_transfer_dice(backbone, ct, seg, chosen, liver),
+                  "batch_size": batch_size, "device": device_summary(device), "wall_time_s": round(seconds),
+                  "recipe": "napari_medvision.recipes.medical_dino", "command": command,
+                  "config": {k: v for k, v in vars(config).items()},
+                  "first_loss": history[0], "final_loss": history[-1], "date": date.today().isoformat()},
+        metrics={"held_out": "ct_mr_totalseg/example_ct_sm.nii.gz (never seen in training), organs "
+                             + ", ".join(ORGANS),
+                 "prompt_dice": prompting_dice(backbone, ct, label_array),
+                 "prompt_dice_random_vit_of_this_shape": prompting_dice(random_vit, ct, label_array),
+                 "liver_label_transfer_dice_example_ct_sm": label_transfer_dice(backbone, ct, seg, chosen, liver),
                  "same_for_a_random_vit_of_this_shape": label_transfer_dice(random_vit, ct, seg, chosen, liver)},
         description="Self-supervised DINO+iBOT ViT-Ti/8 for medical slices (features for mv.prompt).",
     )
-    save_shipped(backbone.network, card, args.out)
-    return 0
+    save_shipped(backbone.network, card, out)
 
 
 if __name__ == "__main__":
