@@ -247,8 +247,7 @@ def _write_cache(path: Path, features: np.ndarray, key: str, background: bool = 
 def _wait_for_write(path: Path) -> None:
     with _pending_lock:
         future = _pending.pop(path, None)
-    if future is not None:
-        future.result()
+    _settle(future)
 
 
 def flush_cache_writes() -> None:
@@ -257,7 +256,17 @@ def flush_cache_writes() -> None:
         futures = list(_pending.values())
         _pending.clear()
     for future in futures:
+        _settle(future)
+
+
+def _settle(future: Optional[Future]) -> None:
+    """Wait for a queued write; one that failed costs a recomputation next time, never the caller's result."""
+    if future is None:
+        return
+    try:
         future.result()
+    except Exception:  # the atomic write left no entry that looks complete
+        pass
 
 
 atexit.register(flush_cache_writes)
