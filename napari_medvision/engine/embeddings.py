@@ -232,12 +232,9 @@ _pending: dict[Path, Future] = {}
 _pending_lock = threading.Lock()
 
 
-def _write_cache(path: Path, features: np.ndarray, key: str, background: bool = True) -> None:
+def _write_cache(path: Path, features: np.ndarray, key: str) -> None:
     """Store ``features`` (not to be changed afterwards: the write may still be reading them)."""
     global _writer
-    if not background:
-        write_arrays(path, key, {"features": features})
-        return
     with _pending_lock:
         if _writer is None:
             _writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="medvision-cache")

@@ -518,7 +518,7 @@ def ship(network, config: DinoConfig, history, seconds: float, batch_size: int, 
                           "CT/MR/OCT/fundus", "held_out": list(HOLD_OUT), "steps": len(history),
                   "batch_size": batch_size, "device": device_summary(device), "wall_time_s": round(seconds),
                   "recipe": "napari_medvision.recipes.medical_dino", "command": command,
-                  "config": {k: v for k, v in vars(config).items()},
+                  "config": dict(vars(config)),
                   "first_loss": history[0], "final_loss": history[-1], "date": date.today().isoformat()},
         metrics={"held_out": "ct_mr_totalseg/example_ct_sm.nii.gz (never seen in training), organs "
                              + ", ".join(ORGANS),
