@@ -18,6 +18,7 @@ import json
 import os
 import sys
 import time
+from itertools import combinations
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -121,22 +122,42 @@ def slices_experiment(rows, name, image, truth, counts):
         emit(rows, **common, method="slice copy", dice=mean_dice(slice_copy(annotations).data, truth.data, ids))
 
 
-def examples_experiment(rows, name, target, truth, examples, counts, fov=None, parts=("registration", "appearance")):
+def examples_experiment(rows, name, target, truth, examples, counts, fov=None, parts=("registration", "appearance"),
+                        every_subset=False):
+    """Dice with the first ``n`` examples for each ``n`` in ``counts``.
+
+    every_subset: instead, the mean over every choice of ``n`` of the examples (each row also
+    lists the subsets' Dice), so that one poor example in a fixed order does not decide the curve.
+    """
     ids = sorted(int(k) for k in np.unique(truth.data) if k)
     names = [truth.labels[k] for k in ids]
-    emit(rows, dataset=name, prompts="1 example", n=1, method="affine registration",
-         dice=mean_dice(_renamed(affine_registration(target, *examples[0]), truth).data, truth.data, ids, fov))
+    affine = [mean_dice(_renamed(affine_registration(target, *pair), truth).data, truth.data, ids, fov)
+              for pair in (examples if every_subset else examples[:1])]
+    emit(rows, dataset=name, prompts="1 example", n=1, method="affine registration", dice=float(np.mean(affine)),
+         **({"subsets": [round(d, 3) for d in affine]} if every_subset else {}))
     for n in counts:
         common = dict(dataset=name, prompts=f"{n} example{'s' * (n > 1)}", n=n)
-        start = time.time()
-        result = _renamed(mv.prompt(target, examples=examples[:n], labels=names, device="cpu"), truth)
-        expected = [d for d in result.meta["expected_dice"].values() if d is not None]
-        emit(rows, **common, method="prompt", dice=mean_dice(result.data, truth.data, ids, fov),
-             seconds=time.time() - start, choice=result.meta["choice"],
-             expected=float(np.mean(expected)) if expected else None)
-        for variant in parts:
-            part = _renamed(mv.prompt(target, examples=examples[:n], labels=names, variant=variant, device="cpu"), truth)
-            emit(rows, **common, method=f"{variant} alone", dice=mean_dice(part.data, truth.data, ids, fov))
+        chosen = list(combinations(range(len(examples)), n)) if every_subset else [tuple(range(n))]
+        runs = {"prompt": [], **{f"{v} alone": [] for v in parts}}
+        choices, expected, start = [], [], time.time()
+        for subset in chosen:
+            given = [examples[i] for i in subset]
+            result = _renamed(mv.prompt(target, examples=given, labels=names, device="cpu"), truth)
+            runs["prompt"].append(mean_dice(result.data, truth.data, ids, fov))
+            choices.append(result.meta["choice"])
+            found = [d for d in result.meta["expected_dice"].values() if d is not None]
+            expected.append(float(np.mean(found)) if found else None)
+            for variant in parts:
+                part = _renamed(mv.prompt(target, examples=given, labels=names, variant=variant, device="cpu"), truth)
+                runs[f"{variant} alone"].append(mean_dice(part.data, truth.data, ids, fov))
+        seconds = (time.time() - start) / len(chosen)
+        known = [e for e in expected if e is not None]
+        for method, dice in runs.items():
+            extra = dict(seconds=seconds, choice="/".join(sorted(set(choices))),
+                         expected=float(np.mean(known)) if known else None) if method == "prompt" else {}
+            if every_subset:
+                extra["subsets"] = [round(d, 3) for d in dice]
+            emit(rows, **common, method=method, dice=float(np.mean(dice)), **extra)
 
 
 def _renamed(result, truth):
@@ -175,9 +196,10 @@ def main(argv=None) -> int:
         examples_experiment(rows, "organs, real MR -> real CT", ct, ct_truth, [(mr, mr_truth)], (1,),
                             parts=("registration", "appearance", "adapted"))
     if run("ct_cross"):
-        phantoms = [phantom(s) for s in (1, 2, 3)]
+        phantoms = [phantom(s) for s in (1, 2, 3, 5)]
         parts = ("registration", "appearance", "adapted")
-        examples_experiment(rows, "CT organs, phantoms -> real CT", *organs("CT"), phantoms, (1, 2, 3), parts=parts)
+        examples_experiment(rows, "CT organs, phantoms -> real CT (mean over every choice of 4)", *organs("CT"),
+                            phantoms, (1, 2, 3), parts=parts, every_subset=True)
         target, truth = phantom(4)
         examples_experiment(rows, "CT organs, real CT -> phantom", target, truth, [organs("CT")], (1,), parts=parts)
     if args.table:

@@ -21,22 +21,28 @@ EDGES = (1.0, 2.0)
 DINO_COMPONENTS = 16
 
 
-def normalised(volume: Volume) -> np.ndarray:
+def normalised(volume: Volume, rows: Optional[np.ndarray] = None) -> np.ndarray:
     """Image as float32 ``(z, y, x[, c])`` in about [0, 1], comparable between scans of one modality.
 
     CT keeps Hounsfield units meaningful (a soft-tissue window), so a head fitted on one scan
     reads another; other images are scaled by their own 0.5-99.5 percentiles (MR units are arbitrary).
+    rows: only these slices (axis 0) of a 3D volume, scaled as in the whole volume; a preview
+    needs a few slices of 300, and the CT window of all of them cost ~0.3 s at 512x512.
     """
-    data = np.asarray(volume.data, dtype=np.float32)
+    data = np.asarray(volume.data)
+    part = data if rows is None else data[rows]
     if volume.modality == "CT" and not volume.rgb:
-        return np.clip((data + 250.0) / 600.0, -0.5, 1.5, dtype=np.float32)
+        return np.clip((part.astype(np.float32) + 250.0) / 600.0, -0.5, 1.5, dtype=np.float32)
+    data = data.astype(np.float32, copy=False)
+    part = part.astype(np.float32, copy=False)
     channels = data[..., None] if not volume.rgb else data
-    out = np.empty(channels.shape, dtype=np.float32)
+    chosen = part[..., None] if not volume.rgb else part
+    out = np.empty(chosen.shape, dtype=np.float32)
     for c in range(channels.shape[-1]):
         one = channels[..., c]
         sample = one[one != 0] if np.count_nonzero(one) > one.size // 10 else one.ravel()
         lo, hi = np.percentile(sample[:: max(1, sample.size // 2_000_000)], [0.5, 99.5])
-        out[..., c] = np.clip((one - lo) / max(hi - lo, 1e-6), 0, 1)
+        out[..., c] = np.clip((chosen[..., c] - lo) / max(hi - lo, 1e-6), 0, 1)
     return out if volume.rgb else out[..., 0]
 
 
@@ -81,6 +87,25 @@ def intensity_features(slices: np.ndarray, workers: Optional[int] = None) -> np.
 
 
 BLOCK = 8  # slices per block of intensity_features
+# Pixels beyond which no filter of intensity_features reaches (scipy truncates a Gaussian at 4
+# sigma; the widest is sigma 4): inside a crop this far from its edge the responses are the
+# whole slice's, bit for bit.
+FILTER_REACH = int(4 * max(SMOOTH + EDGES) + 0.5) + 1
+
+
+def window_features(slices: np.ndarray, window: tuple[int, int, int, int]) -> np.ndarray:
+    """``intensity_features`` of ``slices`` inside ``window`` ``(y0, y1, x0, x1)`` only.
+
+    The crop is widened by ``FILTER_REACH`` (within the slice) before filtering and cut back
+    after, so the values equal those of the whole slice: a preview of an organ in a 512x512
+    slice filters a few hundred pixels square instead of every pixel.
+    """
+    y0, y1, x0, x1 = window
+    h, w = slices.shape[1:3]
+    a0, a1 = max(0, y0 - FILTER_REACH), min(h, y1 + FILTER_REACH)
+    b0, b1 = max(0, x0 - FILTER_REACH), min(w, x1 + FILTER_REACH)
+    wide = intensity_features(np.ascontiguousarray(slices[:, a0:a1, b0:b1]))
+    return wide[:, y0 - a0:y1 - a0, x0 - b0:x1 - b0]
 
 
 def _filter_responses(slices: np.ndarray) -> np.ndarray:

@@ -87,7 +87,9 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
                      n_classes: int, compact: set[int], wanted: list[str], device: str,
                      cancel: Optional[CancelToken] = None, store=None,
                      region: Optional[tuple[int, int]] = None,
-                     learn_from: Optional[list[int]] = None) -> dict[str, np.ndarray]:
+                     learn_from: Optional[list[int]] = None,
+                     window: Optional[tuple[int, int, int, int]] = None,
+                     guard: tuple[int, int, int, int] = (0, 0, 0, 0)) -> Optional[dict[str, np.ndarray]]:
     """Class maps of each ``wanted`` variant from the ``annotated`` slices of ``classes``.
 
     region: ``(first, last)`` slices (inclusive) to predict; the maps then cover those slices
@@ -96,6 +98,13 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
     slices instead of all. The head still learns from every annotated slice.
     learn_from: the slices the head learns from (default: ``annotated``); a preview reuses the
     previous prompt's head this way (``prompt(previous=...)``).
+    window: ``(y0, y1, x0, x1)``: predict inside this part of each slice only (the maps cover it;
+    ``features`` need be set only there, and on the learning slices). Valid while every carried
+    mask stays ``guard`` pixels (top, bottom, left, right) inside it: then warping, blurring and
+    the product with the head see what they would on the whole slice (only the head's test of
+    where a mask carried past the outermost slice ends sums its share inside the window, where
+    pixels outside count ~1e-6 each). Returns None where a mask comes closer, so that the caller
+    can widen the window.
     """
     check(cancel)
     head = None
@@ -104,6 +113,10 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
         head = fit_head([features[learn]], [classes[learn]], n_classes, device, store)
     lo, hi = region if region is not None else (0, len(classes) - 1)
     features, classes, displacements = features[lo:hi + 1], classes[lo:hi + 1], displacements[lo:hi]
+    if window is not None:
+        y0, y1, x0, x1 = window
+        features, classes = features[:, y0:y1, x0:x1], classes[:, y0:y1, x0:x1]
+        displacements = displacements[:, :, y0:y1, x0:x1]
     annotated = [a - lo for a in annotated if lo <= a <= hi]
     hot = onehot(classes, n_classes)
     if head is not None:
@@ -115,6 +128,8 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
     for variant in wanted:
         if variant == "propagation":
             prob = propagate(hot, annotated, displacements)[0]
+            if window is not None and not _clear_of_edges(prob, guard):
+                return None
         elif variant == "appearance":
             prob = head
         else:
@@ -122,12 +137,25 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
             if tracked is None:
                 tracked = propagate(hot, annotated, displacements, head=head)
             prior, distance = tracked
+            if window is not None and not _clear_of_edges(prior, guard):
+                return None
             prob = combine(head, soften(prior, distance), w)
         labels = np.argmax(prob, axis=0).astype(np.int32)
         labels = clean_up(labels, compact, anchor)
         labels[annotated] = classes[annotated]  # what the user drew is kept as drawn
         out[variant] = labels
     return out
+
+
+def _clear_of_edges(prior: np.ndarray, guard: tuple[int, int, int, int]) -> bool:
+    """Whether every label of ``prior`` ``(K+1, z, y, x)`` keeps ``guard`` pixels from each edge."""
+    found = (prior[1:] > 0).any(axis=(0, 1))
+    rows, cols = np.flatnonzero(found.any(1)), np.flatnonzero(found.any(0))
+    if rows.size == 0:
+        return True
+    top, bottom, left, right = guard
+    return (rows[0] >= top and rows[-1] < found.shape[0] - bottom
+            and cols[0] >= left and cols[-1] < found.shape[1] - right)
 
 
 def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similarities: list[np.ndarray],

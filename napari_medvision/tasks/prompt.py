@@ -103,7 +103,10 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     names = {k: (annotations.labels or {}).get(k, f"label {k}") for k in ids}
     lookup = np.zeros(int(painted.max()) + 1, dtype=np.int32)
     lookup[ids] = np.arange(1, len(ids) + 1)
-    classes = lookup[painted]
+    # Only the annotated slices are read as prompts; mapping every voxel of a 300x512x512 label
+    # map to classes cost ~0.5 s of each prompt (np.zeros commits no memory for slices never set).
+    classes = np.zeros(painted.shape, dtype=np.int32)
+    classes[annotated] = lookup[painted[annotated]]
     n_classes = len(ids) + 1
     compact = compact_labels(classes, annotated, range(1, n_classes))
     stamp = {"prompt": "annotations", "image_hash": store.content_hash() if store.enabled else None,
@@ -180,6 +183,29 @@ def _slab(z: int, others: list[int], first: int, last: int) -> tuple[int, int]:
     return (below[-1] if below else first, above[0] if above else last)
 
 
+PREVIEW_MARGIN = 24  # pixels around the labels' box that a preview predicts
+SOFTEN_REACH = 13  # pixels the in-plane blur of the prior reaches (_refine.soften: sigma <= 3, 4 sigma)
+
+
+def _preview_window(seen: np.ndarray, margin: int, guard: int):
+    """``((y0, y1, x0, x1), guard per side)`` around ``seen`` ``(z, y, x)`` widened by ``margin``.
+
+    None when the window would be the whole slice. A side at the slice's edge needs no guard:
+    what lies beyond is outside the image for the whole-slice prediction too.
+    """
+    h, w = seen.shape[1:]
+    found = seen.any(0)
+    rows, cols = np.flatnonzero(found.any(1)), np.flatnonzero(found.any(0))
+    if rows.size == 0:
+        return None, None
+    y0, y1 = max(0, rows[0] - margin), min(h, rows[-1] + 1 + margin)
+    x0, x1 = max(0, cols[0] - margin), min(w, cols[-1] + 1 + margin)
+    if (y1 - y0) * (x1 - x0) >= 0.8 * h * w:
+        return None, None
+    sides = tuple(int(guard * inside) for inside in (y0 > 0, y1 < h, x0 > 0, x1 < w))
+    return (int(y0), int(y1), int(x0), int(x1)), sides
+
+
 def _preview(volume, previous, annotated, classes, ids, names, compact, backbone, device, cancel, store, stamp):
     """``previous`` with the slabs that newly annotated slices change redone, or None where that is not valid.
 
@@ -187,7 +213,10 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
     features, every slice it was given is still painted the same, and slices were only added. A
     slab runs from an added slice's annotated neighbours (or the volume's edge beyond the
     outermost) and is predicted exactly as the full prompt would, with the earlier choice and the
-    head fitted on the earlier slices (read back from the cache, not refitted).
+    head fitted on the earlier slices (read back from the cache, not refitted). Organs are
+    predicted inside a window around them (``_preview_window``), wide enough that every filter,
+    warp and blur sees what it would on the whole slice: 300x512x512 CT, liver, 23 slices
+    redone: 7.0 s -> 2.7 s on one core, the same labels.
     """
     meta = previous.meta or {}
     old = [int(z) for z in meta.get("annotated_slices") or []]
@@ -202,27 +231,59 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
     if earlier[old].max() > max(ids) or not np.array_equal(lookup[earlier[old]], classes[old]):
         return None  # an earlier slice was repainted: its head and folds are stale
     depth = classes.shape[0]
-    regions = []
+    regions, windows = [], []
     for z in sorted(set(annotated) - set(old)):
         lo, hi = _slab(z, annotated, 0, depth - 1)
         if regions and lo <= regions[-1][1]:
             regions[-1] = (regions[-1][0], max(hi, regions[-1][1]))
         else:
             regions.append((lo, hi))
-    needed = set(old) | {z for lo, hi in regions for z in range(lo, hi + 1)}
-    slices, features, _ = _features(volume, backbone, device, cancel, store, only=needed)
     pairs = [z for lo, hi in regions for z in range(lo, hi)]  # the field between slices z and z + 1
-    displacements = _displacements(slices, store, None, cancel, (0, 1), rows=pairs)
+    try:
+        displacements = _cached_displacements(volume.spatial_shape, store, pairs)
+    except _NotCached:
+        return None  # evicted since the last prompt: the full prompt computes and stores it again
+    _, learned, _ = _features(volume, backbone, device, cancel, store, only=old)
     choice = meta["choice"]
     out_ids = np.array([0] + list(ids))
     # The previous result's ids are kept as they are outside the slabs (a copy: it is not touched);
     # mapping all of a 300x512x512 volume to classes and back cost ~1.5 s of a preview.
     out = np.array(earlier, dtype=_label_dtype(ids))
     for lo, hi in regions:
-        out[lo:hi + 1] = out_ids[runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1,
-                                                       compact, [choice], device, cancel, store, region=(lo, hi),
-                                                       learn_from=old)[choice]]
-    meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=True, redone=regions)
+        rows = list(range(lo, hi + 1))
+        fields = displacements[lo:hi]
+        labels, window = None, None
+        # Organs fill a part of each slice: predict around them only (their bounding box in the
+        # previous result and the painted slices, widened past where the masks are carried).
+        # Thin or scattered labels, or the head alone, may answer anywhere: whole slices.
+        if backbone is None and choice != "appearance" and compact == set(range(1, len(ids) + 1)):
+            seen = (earlier[lo:hi + 1] != 0) | (classes[lo:hi + 1] != 0)
+            reach = int(np.ceil(np.abs(fields).max())) + 2 if fields.size else 2
+            for margin in (PREVIEW_MARGIN, 2 * PREVIEW_MARGIN, 4 * PREVIEW_MARGIN):
+                window, guard = _preview_window(seen, margin, max(reach, SOFTEN_REACH))
+                if window is None:
+                    break
+                features = _features(volume, backbone, device, cancel, store, only=rows, window=window,
+                                     into=learned)[1]
+                labels = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
+                                               [choice], device, cancel, store, region=(lo, hi), learn_from=old,
+                                               window=window, guard=guard)
+                if labels is not None:
+                    break
+                window = None
+        if labels is None:
+            features = _features(volume, backbone, device, cancel, store, only=rows, into=learned)[1]
+            labels = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
+                                           [choice], device, cancel, store, region=(lo, hi), learn_from=old)
+        if window is None:
+            out[lo:hi + 1] = out_ids[labels[choice]]
+        else:
+            y0, y1, x0, x1 = window
+            out[lo:hi + 1] = 0
+            out[lo:hi + 1, y0:y1, x0:x1] = out_ids[labels[choice]]
+        windows.append(None if window is None else tuple(int(v) for v in window))
+    meta = dict(stamp, annotated_slices=annotated, cached=list(store.hits), preview=True, redone=regions,
+                windows=windows)
     return _result(volume, None, ids, names, {}, choice, meta, data=out)
 
 
@@ -331,25 +392,29 @@ def _register_example(target, target_grey, image, grey, classes, n_classes, targ
 
 # --- shared -------------------------------------------------------------------------------------
 
-def _features(volume, backbone, device, cancel, store, basis=None, only=None):
+def _features(volume, backbone, device, cancel, store, basis=None, only=None, window=None, into=None):
     """``(normalised slices (n, y, x, c), features (n, y, x, F) float32, DINO PCA basis or None)``.
 
     store: a ``VolumeCache`` for ``volume`` (disabled: compute everything); the DINO PCA is cached
     only where the volume sets its own basis (a target, not an example read in the target's).
-    only: compute the features of these slices only; the other rows are left unset (a preview
-    reads nothing else, and ``np.empty`` commits no memory for rows never written).
+    only: compute the features of these slices only (then only they are normalised and returned
+    as ``slices``); the other rows of ``features`` are left unset (a preview reads nothing else,
+    and ``np.empty`` commits no memory for rows never written).
+    window: with ``only``, ``(y0, y1, x0, x1)``: set the features inside this part of those
+    slices only (``_features.window_features``: the same numbers as the whole slice's).
+    into: the ``features`` of an earlier call with ``only`` on this volume, filled in further.
     """
     from dataclasses import asdict
 
     from ..engine.embeddings import EmbeddingConfig
-    from ._features import DINO_COMPONENTS, dino_pixels, dino_reduced
+    from ._features import DINO_COMPONENTS, dino_pixels, dino_reduced, window_features
 
     check(cancel)
-    slices = as_slices(normalised(volume), volume.rgb)
     rows = slice(None) if only is None else np.asarray(sorted(only), dtype=int)
+    slices = as_slices(normalised(volume, None if only is None else rows), volume.rgb)
     # Not cached: computing the filters costs ~25 ms per 256x256 slice, storing them 40 bytes per
     # voxel (3 GB for a 300x512x512 CT) for no measurable gain.
-    features = intensity_features(slices[rows])
+    features = intensity_features(slices) if window is None else window_features(slices, window)
     if backbone is not None:
         def reduce():
             reduced, (mean, components) = dino_reduced(volume, backbone, device, cancel=cancel)
@@ -364,25 +429,45 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None):
         else:
             reduced, basis = dino_reduced(volume, backbone, device, cancel=cancel, basis=basis)
         dino = dino_pixels(reduced[rows], slices.shape[1:3], backbone)
+        if window is not None:
+            dino = dino[:, window[0]:window[1], window[2]:window[3]]
         features = np.concatenate([features, dino], axis=-1)
     if only is not None:
-        chosen, features = features, np.empty(slices.shape[:3] + features.shape[-1:], dtype=np.float32)
-        features[rows] = chosen
+        chosen = features
+        features = into if into is not None else np.empty((len(volume.data),) + slices.shape[1:3] + chosen.shape[-1:],
+                                                          dtype=np.float32)
+        if window is None:
+            features[rows] = chosen
+        else:
+            features[rows, window[0]:window[1], window[2]:window[3]] = chosen
     return slices, features, basis
 
 
-def _displacements(slices, store, progress, cancel, step, rows=None):
-    """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume.
-
-    rows: only these fields are needed (a preview); read just them when the cache has the entry.
-    """
+def _displacements(slices, store, progress, cancel, step):
+    """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
     from ._propagate import demons_key, slice_displacements
 
     z, y, x = slices.shape[:3]
     got = store.get("prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")},
                     lambda: {"displacements": slice_displacements(slices.mean(-1), progress=progress, cancel=cancel,
-                                                                  step=step)},
-                    rows=None if rows is None else {"displacements": rows})
+                                                                  step=step)})
+    return got["displacements"]
+
+
+class _NotCached(Exception):
+    pass
+
+
+def _cached_displacements(shape, store, rows):
+    """The ``rows`` of the cached demons fields of a volume of ``shape``; ``_NotCached`` when there are none."""
+    from ._propagate import demons_key
+
+    def missing():
+        raise _NotCached()
+
+    z, y, x = shape
+    got = store.get("prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")},
+                    missing, rows={"displacements": rows})
     return got["displacements"]
 
 
