@@ -41,7 +41,7 @@ class VolumeCache:
         self._hash: Optional[str] = None
 
     def content_hash(self) -> str:
-        """blake2b of every voxel of the volume (computed once)."""
+        """``embeddings.content_hash`` of every voxel of the volume (computed once)."""
         if self._hash is None:
             self._hash = embeddings.content_hash(self.volume.data, bool(self.volume.rgb))
         return self._hash
