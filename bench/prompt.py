@@ -14,7 +14,7 @@ Measures, one JSON line each (best of ``--repeat``; device and date in every lin
   warm, as measured by ``embed``), for ``features`` "intensity" (``model=None``) and "intensity+dino";
 - ``prompt_preview``: the Prompt panel's first answer to one more painted slice,
   ``prompt(..., previous=<the cold result>)``: only the slabs next to the new slice are redone,
-  with the earlier head and choice from the cache;
+  with the earlier head and choice from the cache, inside a window around the organ (``windows``);
 - ``prompt_warm``: the next prompt of the same volume, one more slice painted: what depends on
   the pixels only is read from the cache, and the head fitted on the two slices serves as one
   leave-one-out fold (the Prompt panel's "annotate one more slice" case);
@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
         emit("prompt_cold", cold[0], features=name, dice_liver=dice_of(cold[1]), annotated=chosen,
              cached=cold[1].meta.get("cached"))
         emit("prompt_preview", preview[0], features=name, dice_liver=dice_of(preview[1]), annotated=more,
-             redone=preview[1].meta.get("redone"), cached=sorted(set(preview[1].meta.get("cached"))))
+             redone=preview[1].meta.get("redone"), windows=preview[1].meta.get("windows"),
+             cached=sorted(set(preview[1].meta.get("cached"))))
         emit("prompt_warm", warm[0], features=name, dice_liver=dice_of(warm[1]), annotated=more,
              cached=sorted(set(warm[1].meta.get("cached"))))
 
