@@ -5,7 +5,7 @@ prior: slice propagation or registered examples; the appearance head) and the ba
 copy; affine registration of one example) are scored with Dice against the reference labels.
 Prints one JSON line per measurement and, with ``--table``, writes a markdown table.
 
-    python bench/prompt_eval.py                         # all datasets, CPU, a few minutes
+    python bench/prompt_eval.py                         # all datasets, CPU, about 30 minutes
     python bench/prompt_eval.py --only ct_slices --table docs/prompt_table.md
 
 Data: ``$MEDVISION_DATA`` or ``../shared/data`` (see tests/conftest.py).
