@@ -95,6 +95,33 @@ def test_a_damaged_cached_entry_is_rebuilt_not_trusted(phantom):
     assert kind in mv.prompt(image, annotations=annotations, device="cpu").meta["cached"]  # repaired
 
 
+def test_a_preview_whose_fields_were_evicted_runs_the_full_prompt(phantom):
+    import shutil
+
+    image, truth = phantom
+    z = _slices_with_liver(truth)
+    first = mv.prompt(image, annotations=painted(truth, [int(z[1]), int(z[-2])]), device="cpu")
+    shutil.rmtree(cache_dir() / f"{VolumeCache(image).key('prompt-demons', demons_key())}.zarr")
+
+    more = mv.prompt(image, annotations=painted(truth, [int(z[1]), int(z[len(z) // 2]), int(z[-2])]),
+                     previous=first, device="cpu")
+
+    assert more.meta["preview"] is False and more.meta["expected_dice"]["liver"] is not None
+
+
+def test_normalising_some_slices_equals_those_slices_of_the_whole_volume():
+    from napari_medvision.tasks._features import normalised
+    from napari_medvision.volume import Volume
+
+    rng = np.random.default_rng(0)
+    grid = dict(spacing=(1.0, 1.0, 1.0))
+    mr = Volume(rng.gamma(2.0, 100.0, (10, 16, 16)).astype(np.float32), modality="MR", **grid)  # percentiles
+    ct = Volume(rng.integers(-1000, 1000, (10, 16, 16)).astype(np.int16), modality="CT", **grid)  # a fixed window
+    rows = np.array([2, 3, 7])
+    for volume in (mr, ct):
+        np.testing.assert_array_equal(normalised(volume, rows), normalised(volume)[rows])
+
+
 def test_hole_filling_on_the_bounding_box_matches_scipy_on_the_whole_slice():
     from scipy import ndimage as ndi
 
