@@ -51,10 +51,11 @@ def test_a_few_smoke_steps_update_the_teacher_and_keep_the_prototypes_frozen_at_
 
 def test_the_shipped_medical_dino_prompts_the_held_out_ct_better_than_a_random_vit_of_its_shape(data_dir):
     from napari_medvision.models.dino import Backbone, create_network, load_backbone, state_checksum
+    from napari_medvision.models.registry import get_card
     from napari_medvision.recipes.ct_organs import real_ct
 
     ours = load_backbone("medical-dino-vitt8")  # by id: the card's checksum is checked
-    config = get_card_config("medical-dino-vitt8")
+    config = get_card("medical-dino-vitt8").architecture["config"]
     torch.manual_seed(0)
     untrained = create_network(config["timm_name"], **config["overrides"]).eval()
     random_vit = Backbone(untrained, config["timm_name"], state_checksum(untrained.state_dict()))
@@ -65,9 +66,3 @@ def test_the_shipped_medical_dino_prompts_the_held_out_ct_better_than_a_random_v
 
     assert ours.patch_size == 8 and sum(p.numel() for p in ours.network.parameters()) * 4 < 25e6
     assert dice["ours"] > dice["random"] + 0.02, dice  # the card: 0.902 against 0.837
-
-
-def get_card_config(model_id):
-    from napari_medvision.models.registry import get_card
-
-    return get_card(model_id).architecture["config"]

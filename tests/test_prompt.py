@@ -78,21 +78,22 @@ def test_painting_one_more_slice_previews_only_the_slabs_it_changes(phantom):
     assert abs(dice(preview.data, truth.data, LIVER) - dice(checked.data, truth.data, LIVER)) < 0.05
 
 
-@pytest.mark.parametrize("margin", [24, 8])  # 8: too tight at first, widened until the masks fit
-def test_a_preview_of_an_organ_predicts_around_it_and_equals_the_whole_slice_answer(monkeypatch, margin):
+@pytest.mark.parametrize("margin, model", [(24, None), (8, None),  # 8: too tight at first, widened until it fits
+                                           (24, "medical-dino-vitt8")])  # DINO features are cut to the window too
+def test_a_preview_of_an_organ_predicts_around_it_and_equals_the_whole_slice_answer(monkeypatch, margin, model):
     from napari_medvision.tasks import prompt as prompt_module
 
     image, labels = ct_abdomen(seed=3, shape=(20, 128, 128), spacing=(6.0, 3.0, 3.0))
     truth = labels.with_data((np.asarray(labels.data) == LIVER).astype(np.uint8), labels={1: "liver"})
-    first = mv.prompt(image, annotations=painted(truth, [6, 14]), device="cpu")
+    first = mv.prompt(image, annotations=painted(truth, [6, 14]), model=model, device="cpu")
     more = painted(truth, [6, 10, 14])
 
     monkeypatch.setattr(prompt_module, "PREVIEW_MARGIN", margin)
-    around = mv.prompt(image, annotations=more, previous=first, device="cpu")
+    around = mv.prompt(image, annotations=more, previous=first, model=model, device="cpu")
     (y0, y1, x0, x1), = around.meta["windows"]
     assert (y1 - y0) * (x1 - x0) < 0.8 * 128 * 128  # a part of each slice, not all of it
     monkeypatch.setattr(prompt_module, "PREVIEW_MARGIN", 1000)  # a window as large as the slice: none
-    whole = mv.prompt(image, annotations=more, previous=first, device="cpu")
+    whole = mv.prompt(image, annotations=more, previous=first, model=model, device="cpu")
     assert whole.meta["windows"] == [None]
     np.testing.assert_array_equal(around.data, whole.data)
     assert dice(around.data, truth.data, 1) > 0.8

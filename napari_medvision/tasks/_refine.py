@@ -130,8 +130,12 @@ def balanced_sample(classes: np.ndarray, total: int, rng) -> np.ndarray:
     return np.concatenate(picked)
 
 
+SOFTEN_CAP = 3.0  # the widest in-plane blur of the prior, in pixels
+SOFTEN_REACH = int(4 * SOFTEN_CAP + 0.5) + 1  # pixels that blur reaches (scipy truncates at 4 sigma)
+
+
 def soften(prior: np.ndarray, distance: Optional[np.ndarray] = None, base: float = 0.5, per_slice: float = 0.25,
-           cap: float = 3.0) -> np.ndarray:
+           cap: float = SOFTEN_CAP) -> np.ndarray:
     """The prior ``(K+1, z, y, x)`` blurred in-plane, more the farther a slice is from its source.
 
     distance: ``(z,)`` slices to the nearest annotated slice (None: ``base`` everywhere). A mask

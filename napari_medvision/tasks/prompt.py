@@ -22,7 +22,7 @@ from ..volume import Volume
 from . import _prompt_runs as runs
 from ._features import as_slices, intensity_features, load_backbone, normalised
 from ._prompt_cache import VolumeCache
-from ._refine import compact_labels
+from ._refine import SOFTEN_REACH, compact_labels
 
 
 def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] = None,
@@ -184,7 +184,6 @@ def _slab(z: int, others: list[int], first: int, last: int) -> tuple[int, int]:
 
 
 PREVIEW_MARGIN = 24  # pixels around the labels' box that a preview predicts
-SOFTEN_REACH = 13  # pixels the in-plane blur of the prior reaches (_refine.soften: sigma <= 3, 4 sigma)
 
 
 def _preview_window(seen: np.ndarray, margin: int, guard: int):
@@ -256,7 +255,7 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
         # Organs fill a part of each slice: predict around them only (their bounding box in the
         # previous result and the painted slices, widened past where the masks are carried).
         # Thin or scattered labels, or the head alone, may answer anywhere: whole slices.
-        if backbone is None and choice != "appearance" and compact == set(range(1, len(ids) + 1)):
+        if choice != "appearance" and compact == set(range(1, len(ids) + 1)):
             seen = (earlier[lo:hi + 1] != 0) | (classes[lo:hi + 1] != 0)
             reach = int(np.ceil(np.abs(fields).max())) + 2 if fields.size else 2
             for margin in (PREVIEW_MARGIN, 2 * PREVIEW_MARGIN, 4 * PREVIEW_MARGIN):
@@ -445,10 +444,9 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
 
 def _displacements(slices, store, progress, cancel, step):
     """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
-    from ._propagate import demons_key, slice_displacements
+    from ._propagate import slice_displacements
 
-    z, y, x = slices.shape[:3]
-    got = store.get("prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")},
+    got = store.get(*_demons_entry(slices.shape[:3]),
                     lambda: {"displacements": slice_displacements(slices.mean(-1), progress=progress, cancel=cancel,
                                                                   step=step)})
     return got["displacements"]
@@ -460,15 +458,18 @@ class _NotCached(Exception):
 
 def _cached_displacements(shape, store, rows):
     """The ``rows`` of the cached demons fields of a volume of ``shape``; ``_NotCached`` when there are none."""
-    from ._propagate import demons_key
-
     def missing():
         raise _NotCached()
 
+    return store.get(*_demons_entry(shape), missing, rows={"displacements": rows})["displacements"]
+
+
+def _demons_entry(shape) -> tuple:
+    """``(kind, params, expect)`` of the demons fields of a volume of ``shape`` ``(z, y, x)`` in the cache."""
+    from ._propagate import demons_key
+
     z, y, x = shape
-    got = store.get("prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")},
-                    missing, rows={"displacements": rows})
-    return got["displacements"]
+    return "prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")}
 
 
 def _compact_in_all(example_classes, n_classes):
