@@ -92,3 +92,18 @@ def test_skull_stripped_brain_phantom_is_zero_and_unlabelled_outside_the_brain()
         assert ((stripped == labels) | (stripped == 0)).all()
         assert (stripped[6:18, 6:18, 6:18] == labels[6:18, 6:18, 6:18]).all(), "erosion stops in the CSF rim"
         assert (stripped[4:20, 4:20, 4:20] > 0).sum() <= (labels > 0).sum()
+
+
+def test_recipes_keep_their_test_data_out_of_training_and_of_the_checkpoint_choice():
+    """A card's held-out numbers mean something only if the test images neither trained the model
+    nor picked its checkpoint (the recipes' ``validate`` uses the validation split only)."""
+    from napari_medvision.recipes import ct_organs, fundus_vessels, oct_layers
+
+    fit, chosen, test = (set(fundus_vessels.FIT_IDS), set(fundus_vessels.VALIDATION_IDS),
+                         set(fundus_vessels.HELD_OUT_IDS))
+    assert not (fit & chosen) and not ((fit | chosen) & test)
+    slices = range(30)  # the real CT's axial slices
+    assert not set(slices[ct_organs.REAL_TRAIN_SLICES]) & set(slices[ct_organs.REAL_HELD_OUT])
+    for recipe in (ct_organs, oct_layers):
+        validation = set(getattr(recipe, "VALIDATION_SEEDS", [getattr(recipe, "VALIDATION_SEED", None)]))
+        assert not validation & set(recipe.TEST_SEEDS) and min(validation | set(recipe.TEST_SEEDS)) >= 1000

@@ -43,7 +43,7 @@ def test_every_card_names_held_out_metrics_and_a_recipe():
 def test_fundus_vessels_on_held_out_drive_images(data_dir):
     root = data_dir / "fundus_drive_train"
     scores = []
-    for i in (37, 40):  # held out by the recipe (it trained on 21-35)
+    for i in (37, 40):  # held out by the recipe (it trained on 21-33 and chose its checkpoint on 34-35)
         photo = mv.load(root / "images" / f"{i}_training.tif")
         vessels = mv.segment(photo, model="fundus-vessels-2d", device="cpu")
         truth = np.asarray(mv.load(root / "1st_manual" / f"{i}_manual1.gif").data) > 0
@@ -80,9 +80,10 @@ def test_ct_organs_on_the_held_out_slab_of_the_real_ct(data_dir):
     pred = np.asarray(organs.data)[REAL_HELD_OUT]
     ref = truth[REAL_HELD_OUT]
     measured = card.metrics[next(k for k in card.metrics if k.startswith("dice, TotalSegmentator"))]
-    for organ in ("liver", "spleen"):
-        if measured.get(organ, 0) > 0.5:
-            assert dice(pred == ids[organ], ref == ids[organ]) > measured[organ] - 0.1, organ
+    found = [organ for organ, value in measured.items() if value > 0.3]  # what the model finds at all
+    assert "liver" in found
+    for organ in found:
+        assert dice(pred == ids[organ], ref == ids[organ]) > measured[organ] - 0.1, organ
 
 
 @needs("mr-brain-tissue-3d")

@@ -192,6 +192,24 @@ def test_oct_looks_like_real_bscans(octv, data_dir):
     assert 0.5 * real_fraction < ours_fraction < 2 * real_fraction
 
 
+def test_oct_drusen_lift_the_rpe_off_bruchs_membrane():
+    """AMD eyes: drusen raise the RPE and every layer above it; the space beneath counts as OS+RPE
+    (as in the graph-search references) and the "rpe" boundary stays on Bruch's membrane."""
+    healthy_image, healthy = oct_volume(seed=3, **OCT_SMALL)
+    image, labels = oct_volume(seed=3, drusen=3, **OCT_SMALL)
+    same_image, _ = oct_volume(seed=3, drusen=0, **OCT_SMALL)
+    assert np.array_equal(same_image.data, healthy_image.data)  # drusen=0 is the healthy eye
+    before, after = healthy.meta["boundaries"], labels.meta["boundaries"]
+    np.testing.assert_allclose(after["rpe"], before["rpe"])
+    lift = before["isos"] - after["isos"]
+    assert lift.max() > 10 and lift.min() >= -1e-3          # rows: the photoreceptors ride up
+    np.testing.assert_allclose(before["ilm"] - after["ilm"], lift, atol=1e-3)
+    order = labels.meta["boundary_order_top_to_bottom"]
+    assert all(np.all(after[u] <= after[v] + 1e-3) for u, v in zip(order[:-1], order[1:]))
+    assert (labels.data == 6).sum() > (healthy.data == 6).sum()
+    assert labels.meta["drusen"] == 3 and image.data.dtype == np.uint8
+
+
 # --- fundus ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def fundus():

@@ -110,3 +110,22 @@ def test_anchor_keeps_the_weights_near_where_training_started():
     free, anchored = distance_after(0.0), distance_after(100.0)
     assert free > 0.05                 # training moved the weights
     assert anchored < 0.5 * free       # the anchor held them near the parent's
+
+
+def test_shares_set_how_often_each_image_is_drawn():
+    """A small real scan among big phantoms: ``shares`` draws it as often as asked, not by its size."""
+    big = [np.zeros((1, 64, 64), np.float32)] * 3
+    small = [np.ones((1, 16, 16), np.float32)]
+    labels = [np.zeros((64, 64), np.int64)] * 3 + [np.ones((16, 16), np.int64)]
+    rng = np.random.default_rng(0)
+
+    def small_share(sampler) -> float:
+        images, _ = sampler.sample(rng, 2000)
+        return float((images[:, 0, 0, 0] == 1).mean())
+
+    by_size = PatchSampler(big + small, labels, (16, 16), augment=False)
+    asked = PatchSampler(big + small, labels, (16, 16), augment=False, shares=[0.2, 0.2, 0.2, 0.4])
+    assert small_share(by_size) == pytest.approx(256 / (3 * 4096 + 256), abs=0.01)
+    assert small_share(asked) == pytest.approx(0.4, abs=0.04)
+    with pytest.raises(ValueError, match="shares"):
+        PatchSampler(big + small, labels, (16, 16), shares=[1.0, 1.0])

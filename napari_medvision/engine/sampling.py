@@ -21,6 +21,8 @@ class PatchSampler:
     patch_size: patch shape (spatial), padded with the image minimum where the image is smaller.
     foreground_fraction: share of patches centred on a labelled voxel (classes drawn uniformly).
     weights: optional per-image voxel weights for choosing centres (e.g. corrected slices).
+    shares: optional relative chance of drawing each image (default: its voxel count), so one
+      small real scan can count as much as dozens of larger synthetic ones.
     augment: random flips, 90-degree in-plane rotations (square patches), intensity scale/shift,
       gamma and noise.
     """
@@ -30,6 +32,7 @@ class PatchSampler:
     patch_size: tuple[int, ...]
     foreground_fraction: float = 0.6
     weights: list[np.ndarray] | None = None
+    shares: list[float] | None = None
     augment: bool = True
     flip_axes: tuple[int, ...] | None = None
     _class_index: list[dict[int, np.ndarray]] = field(default_factory=list, init=False, repr=False)
@@ -51,6 +54,9 @@ class PatchSampler:
                     # Keep a bounded sample of candidate centres per class: memory stays small on big scans.
                     index[int(value)] = where if where.size <= 200_000 else where[:: where.size // 200_000 + 1]
             self._class_index.append(index)
+        if self.shares is not None and (len(self.shares) != len(self.images) or min(self.shares) < 0
+                                        or sum(self.shares) <= 0):
+            raise ValueError("PatchSampler shares need one non-negative number per image, not all zero")
 
     def sample(self, rng: np.random.Generator, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
         """A batch: images ``(B, C, *patch)`` float32 and labels ``(B, 1, *patch)`` int64."""
@@ -66,7 +72,10 @@ class PatchSampler:
         return np.stack(xs).astype(np.float32), np.stack(ys).astype(np.int64)
 
     def _pick_image(self, rng: np.random.Generator) -> int:
-        sizes = np.array([lab.size for lab in self.labels], dtype=float)
+        if self.shares is None:
+            sizes = np.array([lab.size for lab in self.labels], dtype=float)
+        else:
+            sizes = np.asarray(self.shares, dtype=float)
         return int(rng.choice(len(self.images), p=sizes / sizes.sum()))
 
     def _pick_centre(self, rng: np.random.Generator, i: int) -> tuple[int, ...]:

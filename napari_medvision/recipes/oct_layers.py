@@ -1,12 +1,15 @@
 """Recipe: 2D TransUNet for retinal layers in OCT B-scans.
 
-Training data: synthetic OCT B-scans at several axial pixel sizes (``synthetic.oct_volume``) plus
-the real macular B-scan ``exampleOCTimage0001.tif`` (layer boundaries by Caserel graph search,
-turned into regions). Held out: the second real B-scan ``exampleOCTimage0002.tif`` and unseen
-phantom seeds. The model works on the B-scan pixel grid (no resampling), so training mixes
+Training data: synthetic OCT B-scans at several axial pixel sizes (``synthetic.oct_volume``, half
+of them with drusen lifting the RPE, as in age-related macular degeneration) plus
+the left three quarters of the real macular B-scan ``exampleOCTimage0001.tif`` (layer boundaries
+by Caserel graph search, turned into regions). The checkpoint is chosen on that scan's right
+quarter and two unseen phantoms (one with drusen). The test: the second real B-scan
+``exampleOCTimage0002.tif`` and two more unseen phantoms, used for nothing else. The model
+works on the B-scan pixel grid (no resampling), so training mixes
 scales; volumes are segmented B-scan by B-scan.
 
-    python -m napari_medvision.recipes.oct_layers --steps 2000 --time-budget 900
+    python -m napari_medvision.recipes.oct_layers --steps 2000 --time-budget 900 --threads 1
 """
 
 from __future__ import annotations
@@ -28,6 +31,14 @@ TRAIN_PATCH = (128, 128)  # training crops: 4x cheaper on a CPU; the ViT positio
 NORMALISATION = {"kind": "percentile", "low": 0.5, "high": 99.8}
 BOUNDARIES = ("ilm", "nflgcl", "iplinl", "inlopl", "oplonl", "isos", "rpe")
 LABELS = {1: "RNFL", 2: "GCL+IPL", 3: "INL", 4: "OPL", 5: "ONL+IS", 6: "OS+RPE"}
+REAL_SHARE = 0.4            # of training patches, from the real B-scan (by size it was about this)
+VALIDATION_SHARE = 0.25      # right part of the training B-scan's A-scans: picks the checkpoint
+VALIDATION_SEEDS = (1000, 1003)   # a healthy eye and one with drusen
+TEST_SEEDS = (1001, 1002)         # one with drusen, one healthy
+# Axial rows per B-scan of the training phantoms (same depth, finer pixels): the real B-scans put
+# ~280 rows between the ILM and Bruch's membrane, a 512-row phantom ~150; the model works on the
+# pixel grid, so training spans both.
+TRAIN_ROWS = (256, 384, 512, 768, 1024)
 
 
 def regions_from_boundaries(rows: dict[str, np.ndarray], height: int) -> np.ndarray:
@@ -56,14 +67,18 @@ def real_bscan(name: str):
     return normalise(image[:, crop], NORMALISATION).numpy()[None], labels[:, crop]
 
 
-def synthetic_bscans(seeds, rows_choices=(256, 384, 512)):
+def synthetic_bscans(seeds, rows_choices=(256, 384, 512), drusen_on_odd_seeds: bool = False):
+    """Normalised synthetic B-scans and their layers; odd seeds get 1-4 drusen when asked (AMD eyes
+    such as the held-out real B-scan, whose RPE is lifted into a large dome)."""
     from ..engine.normalise import normalise
     from ..synthetic import oct_volume
 
     images, labels = [], []
     for seed in seeds:
         rows = rows_choices[seed % len(rows_choices)]
-        volume, label = oct_volume(seed=seed, shape=(2, rows, 384), spacing=(0.12, 0.0039 * 256 / rows, 0.0117))
+        drusen = 1 + (seed // 2) % 4 if drusen_on_odd_seeds and seed % 2 else 0
+        volume, label = oct_volume(seed=seed, shape=(2, rows, 384), spacing=(0.12, 0.0039 * 256 / rows, 0.0117),
+                                   drusen=drusen)
         lab = np.asarray(label.data).astype(np.int64)
         lab[lab == 7] = 0  # the real references stop at the RPE: the choroid is background here
         for b in range(volume.data.shape[0]):
@@ -84,32 +99,37 @@ def main(argv: list[str] | None = None) -> int:
 
 
     parser = recipe_arguments(__doc__.splitlines()[0], steps=2000, batch_size=8, preset="cpu")
-    parser.add_argument("--phantoms", type=int, default=24, help="synthetic OCT volumes (2 B-scans each)")
+    parser.add_argument("--phantoms", type=int, default=16, help="synthetic OCT volumes (2 B-scans each)")
     args = parser.parse_args(argv)
     device = prepare_run(args)
 
-    train_image, train_labels = real_bscan("exampleOCTimage0001.tif")
+    real_image, real_labels = real_bscan("exampleOCTimage0001.tif")
+    split = int(real_image.shape[-1] * (1 - VALIDATION_SHARE))
+    train_image, train_labels = real_image[..., :split], real_labels[:, :split]
+    val_images, val_labels = synthetic_bscans(VALIDATION_SEEDS, drusen_on_odd_seeds=True)
+    val_images, val_labels = [real_image[..., split:]] + val_images[::2], [real_labels[:, split:]] + val_labels[::2]
     held_image, held_labels = real_bscan("exampleOCTimage0002.tif")
-    syn_images, syn_labels = synthetic_bscans(range(100, 100 + args.phantoms))
-    val_images, val_labels = synthetic_bscans(range(1000, 1002))
-    # The real B-scan counts several times: it is one image against dozens of phantoms.
-    sampler = PatchSampler(syn_images + [train_image] * 4, syn_labels + [train_labels] * 4, TRAIN_PATCH,
-                           foreground_fraction=0.8, flip_axes=(1,))
+    syn_images, syn_labels = synthetic_bscans(range(100, 100 + args.phantoms), TRAIN_ROWS, drusen_on_odd_seeds=True)
+    test_images, test_labels = synthetic_bscans(TEST_SEEDS, drusen_on_odd_seeds=True)
+    # The one real B-scan is drawn as often as REAL_SHARE says, against dozens of phantoms.
+    shares = [(1 - REAL_SHARE) / len(syn_images)] * len(syn_images) + [REAL_SHARE]
+    sampler = PatchSampler(syn_images + [train_image], syn_labels + [train_labels], TRAIN_PATCH,
+                           foreground_fraction=0.8, flip_axes=(1,), shares=shares)
 
     network, architecture = new_network(2, args.preset, in_channels=1, n_classes=len(LABELS) + 1,
                                         seed=args.seed)
 
     def validate(net) -> float:
-        scores = list(layer_dice(predict(net, held_image, device), held_labels).values())
-        scores += list(layer_dice(predict(net, val_images[0], device), val_labels[0]).values())
-        return float(np.nanmean(scores))
+        # Never the test B-scan: it must not pick the checkpoint.
+        return float(np.nanmean([v for im, lab in zip(val_images, val_labels)
+                                 for v in layer_dice(predict(net, im, device), lab).values()]))
 
     train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3, val_every=150,
                                time_budget_s=args.time_budget, seed=args.seed)
     result = train_segmentation(network, sampler.sample, train_config, validate=validate, device=device,
                                 progress=print_every(50), on_validation=print)
     real = layer_dice(predict(network, held_image, device), held_labels)
-    synthetic = [layer_dice(predict(network, im, device), lab) for im, lab in zip(val_images, val_labels)]
+    synthetic = [layer_dice(predict(network, im, device), lab) for im, lab in zip(test_images, test_labels)]
     card = ModelCard(
         id=MODEL_ID, task="segmentation", architecture=architecture, modality="OCT",
         input={"spacing": None, "normalisation": NORMALISATION, "patch_size": list(PATCH), "channels": 1,
@@ -118,13 +138,16 @@ def main(argv: list[str] | None = None) -> int:
         description="Retinal layers (ILM to RPE) in OCT B-scans (2D TransUNet); volumes B-scan by B-scan.",
         training=training_summary(
             device, result, train_config,
-            f"{args.phantoms} synthetic OCT volumes x 2 B-scans (axial 256-512 rows) + real B-scan "
-            "exampleOCTimage0001.tif (caserel, boundaries by graph search, not manual)",
-            len(syn_images) / (len(syn_images) + 1), "napari_medvision.recipes.oct_layers"),
+            f"{args.phantoms} synthetic OCT volumes x 2 B-scans (axial {TRAIN_ROWS[0]}-{TRAIN_ROWS[-1]} rows; odd seeds "
+            "with 1-4 drusen) + the left "
+            f"{1 - VALIDATION_SHARE:.0%} of real B-scan exampleOCTimage0001.tif (caserel, boundaries by graph "
+            f"search, not manual); checkpoint chosen on its right {VALIDATION_SHARE:.0%} and phantom seeds "
+            f"{VALIDATION_SEEDS[0]}, {VALIDATION_SEEDS[1]}",
+            1 - REAL_SHARE, "napari_medvision.recipes.oct_layers"),
         metrics={
             "dice, real B-scan exampleOCTimage0002.tif (held out; reference = graph-search boundaries)": real,
             "mean dice, real held-out B-scan": round(float(np.nanmean(list(real.values()))), 4),
-            "dice, synthetic seeds 1000-1001 (held out)": {
+            "dice, synthetic seeds 1001 (drusen) and 1002 (held out)": {
                 k: round(float(np.nanmean([s[k] for s in synthetic])), 4) for k in LABELS.values()},
         },
         license="GPL-2.0 data (caserel) used for training; weights and code Apache-2.0",

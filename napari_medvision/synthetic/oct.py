@@ -1,4 +1,4 @@
-"""Macular OCT volume: layered retina with a foveal pit, speckle and vessel shadows.
+"""Macular OCT volume: layered retina with a foveal pit, speckle and vessel shadows, optionally drusen.
 
 Boundaries are smooth surfaces over (B-scan, column) in micrometres; reflectivity is set per
 layer in linear units, multiplied by speckle and log-compressed to uint8 as scanners display it.
@@ -34,11 +34,16 @@ def oct_volume(
     spacing: tuple[float, float, float] = (0.12, 0.0039, 0.0117),
     looks: float = 3.0,
     n_vessels: int | None = None,
+    drusen: int = 0,
 ) -> tuple[Volume, Volume]:
     """An OCT cube (uint8, B-scans x depth x width) and its layer label map with boundaries.
 
     spacing: mm between B-scans, per depth row and per column (Spectralis-like defaults).
     looks: speckle averaging (frames averaged per B-scan); lower is grainier.
+    drusen: how many drusen / drusenoid pigment-epithelium detachments (age-related macular
+      degeneration) lift the RPE off Bruch's membrane. As in the graph-search references, the
+      space beneath the lifted RPE counts as OS+RPE and the "rpe" boundary stays on Bruch's
+      membrane. Their random draws come after all others: ``drusen=0`` gives the same cube.
     labels.meta["boundaries"]: ``{name: float32 array (n_bscans, width)}`` of row positions.
     """
     rng = make_rng(seed)
@@ -74,6 +79,9 @@ def oct_volume(
     # Nerve fibre layer thickens towards the nasal side (toward the optic disc).
     nasal = rng.choice([-1.0, 1.0])
     thick["RNFL"] = thick["RNFL"] * (1 + 0.5 * np.clip(nasal * (cx[None, :] - fx), 0, 2)) * (1 - pit)
+    lift = _drusen_lift(np.random.default_rng([int(seed), 7]), bz, cx, drusen) if drusen else None
+    if lift is not None:
+        thick["OS+RPE"] = thick["OS+RPE"] + lift  # everything above rides on the lifted RPE
 
     surfaces = {"rpe": bm}
     above = bm
@@ -91,9 +99,10 @@ def oct_volume(
         inside = (row >= rows[upper][:, None, :]) & (row < rows[lower][:, None, :])
         labels[inside] = label
 
-    image = _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fx, nasal)
+    lifted = None if lift is None else (rows["rpe"] - lift / um_per_row, seed)
+    image = _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fx, nasal, lifted)
     geometry = dict(spacing=(dz, dy, dx), origin=(0.0, 0.0, 0.0))
-    meta = {"synthetic": "oct_volume", "seed": seed, "fovea_mm": (float(fz), float(fx))}
+    meta = {"synthetic": "oct_volume", "seed": seed, "fovea_mm": (float(fz), float(fx)), "drusen": int(drusen)}
     img = Volume(image, modality="OCT", meta=dict(meta), **geometry)
     lab = Volume(labels, modality="OCT", labels=dict(LABELS),
                  meta={**meta, "boundaries": rows, "boundary_order_top_to_bottom": list(BOUNDARIES)},
@@ -101,8 +110,24 @@ def oct_volume(
     return img, lab
 
 
-def _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fovea_x, nasal):
-    """Log-compressed speckled reflectivity with bright bands, choroidal vessels and vessel shadows."""
+def _drusen_lift(rng, bz, cx, count: int) -> np.ndarray:
+    """RPE elevation (um) over (B-scan, column): dome-shaped drusen, 0.4-2 mm across, 30-200 um high,
+    some merged into a larger detachment."""
+    lift = np.zeros((len(bz), len(cx)), dtype=np.float32)
+    for _ in range(int(count)):
+        z0, x0 = rng.uniform(bz.min(), bz.max() + 1e-6), rng.uniform(cx.min(), cx.max())
+        radius, height = rng.uniform(0.2, 1.0), rng.uniform(30.0, 200.0)
+        r2 = ((bz[:, None] - z0) ** 2 + (cx[None, :] - x0) ** 2) / radius ** 2
+        lift = np.maximum(lift, (height * np.clip(1 - r2, 0, None) ** 0.6).astype(np.float32))
+    return lift
+
+
+def _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fovea_x, nasal, lifted=None):
+    """Log-compressed speckled reflectivity with bright bands, choroidal vessels and vessel shadows.
+
+    lifted: ``(RPE row per (B-scan, column), seed)`` where drusen lift the RPE; the bright RPE line
+    follows it, Bruch's membrane stays a faint line, and drusen material fills the space between.
+    """
     n_b, n_rows, n_cols = shape
     names = ["vitreous", *LABELS.values()]
     table = np.array([_REFLECTIVITY[n] for n in names], dtype=np.float32)
@@ -118,7 +143,16 @@ def _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fovea_x, n
     um = spacing[1] * 1000
     refl += band("isos", -22 / um, 1.2, 2.0)            # ELM
     refl += band("isos", 3 / um, 6 / um, 18.0)          # ellipsoid zone
-    refl += band("rpe", -12 / um, 8 / um, 25.0)         # RPE / Bruch's complex
+    if lifted is None:
+        refl += band("rpe", -12 / um, 8 / um, 25.0)     # RPE / Bruch's complex
+    else:
+        rpe_row, seed = lifted
+        drusen_rng = np.random.default_rng([int(seed), 8])
+        beneath = (row > rpe_row[:, None, :]) & (row < rows["rpe"][:, None, :])
+        material = 1.6 * np.clip(1 + 0.25 * smooth_noise(drusen_rng, shape, (1.0, 4.0, 4.0)), 0.2, None)
+        refl = np.where(beneath, material, refl)
+        refl += 25.0 * np.exp(-0.5 * ((row - (rpe_row[:, None, :] - 12 / um)) / (8 / um)) ** 2)  # lifted RPE
+        refl += band("rpe", -2 / um, 3 / um, 4.0)       # Bruch's membrane beneath
     refl *= np.float32(1) + 0.15 * smooth_noise(rng, shape, (1.0, 3.0, 6.0))
 
     # Choroid: large dark vessel lumens in a bright stroma.
