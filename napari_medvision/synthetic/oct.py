@@ -99,7 +99,7 @@ def oct_volume(
         inside = (row >= rows[upper][:, None, :]) & (row < rows[lower][:, None, :])
         labels[inside] = label
 
-    lifted = None if lift is None else (rows["rpe"] - lift / um_per_row, seed)
+    lifted = None if lift is None else (rows["rpe"] - lift / um_per_row, np.random.default_rng([int(seed), 8]))
     image = _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fx, nasal, lifted)
     geometry = dict(spacing=(dz, dy, dx), origin=(0.0, 0.0, 0.0))
     meta = {"synthetic": "oct_volume", "seed": seed, "fovea_mm": (float(fz), float(fx)), "drusen": int(drusen)}
@@ -125,7 +125,7 @@ def _drusen_lift(rng, bz, cx, count: int) -> np.ndarray:
 def _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fovea_x, nasal, lifted=None):
     """Log-compressed speckled reflectivity with bright bands, choroidal vessels and vessel shadows.
 
-    lifted: ``(RPE row per (B-scan, column), seed)`` where drusen lift the RPE; the bright RPE line
+    lifted: ``(RPE row per (B-scan, column), generator)`` where drusen lift the RPE; the bright RPE line
     follows it, Bruch's membrane stays a faint line, and drusen material fills the space between.
     """
     n_b, n_rows, n_cols = shape
@@ -146,8 +146,7 @@ def _render(rng, labels, rows, row, shape, spacing, looks, n_vessels, fovea_x, n
     if lifted is None:
         refl += band("rpe", -12 / um, 8 / um, 25.0)     # RPE / Bruch's complex
     else:
-        rpe_row, seed = lifted
-        drusen_rng = np.random.default_rng([int(seed), 8])
+        rpe_row, drusen_rng = lifted
         beneath = (row > rpe_row[:, None, :]) & (row < rows["rpe"][:, None, :])
         material = 1.6 * np.clip(1 + 0.25 * smooth_noise(drusen_rng, shape, (1.0, 4.0, 4.0)), 0.2, None)
         refl = np.where(beneath, material, refl)

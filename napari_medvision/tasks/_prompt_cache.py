@@ -39,12 +39,22 @@ class VolumeCache:
         self.hits: list[str] = []
         self.misses: list[str] = []
         self._hash: Optional[str] = None
+        self._ranges: Optional[tuple] = None
 
     def content_hash(self) -> str:
         """``embeddings.content_hash`` of every voxel of the volume (computed once)."""
         if self._hash is None:
             self._hash = embeddings.content_hash(self.volume.data, bool(self.volume.rgb))
         return self._hash
+
+    def intensity_ranges(self):
+        """``_features.intensity_ranges`` of the volume (computed once: a preview normalises a few
+        slices of it several times)."""
+        from ._features import intensity_ranges
+
+        if self._ranges is None:
+            self._ranges = (intensity_ranges(self.volume),)
+        return self._ranges[0]
 
     def key(self, kind: str, params: dict) -> str:
         text = json.dumps([embeddings.CACHE_FORMAT, kind, self.content_hash(), self.volume.modality,

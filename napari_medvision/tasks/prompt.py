@@ -184,6 +184,7 @@ def _slab(z: int, others: list[int], first: int, last: int) -> tuple[int, int]:
 
 
 PREVIEW_MARGIN = 24  # pixels around the labels' box that a preview predicts
+WHOLE_SLICE = (0, 0, 0, 0)  # no window, so no guard
 
 
 def _preview_window(seen: np.ndarray, margin: int, guard: int):
@@ -203,6 +204,18 @@ def _preview_window(seen: np.ndarray, margin: int, guard: int):
         return None, None
     sides = tuple(int(guard * inside) for inside in (y0 > 0, y1 < h, x0 > 0, x1 < w))
     return (int(y0), int(y1), int(x0), int(x1)), sides
+
+
+def _preview_windows(earlier, classes, fields, lo, hi):
+    """``(window, guard)`` to try for slices ``lo..hi``: ever wider windows, then the whole slice (None)."""
+    seen = (earlier[lo:hi + 1] != 0) | (classes[lo:hi + 1] != 0)
+    reach = int(np.ceil(np.abs(fields).max())) + 2 if fields.size else 2
+    for margin in (PREVIEW_MARGIN, 2 * PREVIEW_MARGIN, 4 * PREVIEW_MARGIN):
+        window, guard = _preview_window(seen, margin, max(reach, SOFTEN_REACH))
+        if window is None:
+            break
+        yield window, guard
+    yield None, WHOLE_SLICE
 
 
 def _preview(volume, previous, annotated, classes, ids, names, compact, backbone, device, cancel, store, stamp):
@@ -248,32 +261,22 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
     # The previous result's ids are kept as they are outside the slabs (a copy: it is not touched);
     # mapping all of a 300x512x512 volume to classes and back cost ~1.5 s of a preview.
     out = np.array(earlier, dtype=_label_dtype(ids))
+    # Organs fill a part of each slice: predict around them only (their bounding box in the
+    # previous result and the painted slices, widened past where the masks are carried), and on
+    # the whole slices where a mask comes too close to every window tried. Thin or scattered
+    # labels, or the head alone, may answer anywhere: whole slices at once.
+    organs = choice != "appearance" and compact == set(range(1, len(ids) + 1))
     for lo, hi in regions:
         rows = list(range(lo, hi + 1))
-        fields = displacements[lo:hi]
-        labels, window = None, None
-        # Organs fill a part of each slice: predict around them only (their bounding box in the
-        # previous result and the painted slices, widened past where the masks are carried).
-        # Thin or scattered labels, or the head alone, may answer anywhere: whole slices.
-        if choice != "appearance" and compact == set(range(1, len(ids) + 1)):
-            seen = (earlier[lo:hi + 1] != 0) | (classes[lo:hi + 1] != 0)
-            reach = int(np.ceil(np.abs(fields).max())) + 2 if fields.size else 2
-            for margin in (PREVIEW_MARGIN, 2 * PREVIEW_MARGIN, 4 * PREVIEW_MARGIN):
-                window, guard = _preview_window(seen, margin, max(reach, SOFTEN_REACH))
-                if window is None:
-                    break
-                features = _features(volume, backbone, device, cancel, store, only=rows, window=window,
-                                     into=learned)[1]
-                labels = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
-                                               [choice], device, cancel, store, region=(lo, hi), learn_from=old,
-                                               window=window, guard=guard)
-                if labels is not None:
-                    break
-                window = None
-        if labels is None:
-            features = _features(volume, backbone, device, cancel, store, only=rows, into=learned)[1]
+        tries = _preview_windows(earlier, classes, displacements[lo:hi], lo, hi) if organs else [(None, WHOLE_SLICE)]
+        for window, guard in tries:
+            features = _features(volume, backbone, device, cancel, store, only=rows, window=window,
+                                 into=learned)[1]
             labels = runs.from_annotations(features, displacements, classes, annotated, len(ids) + 1, compact,
-                                           [choice], device, cancel, store, region=(lo, hi), learn_from=old)
+                                           [choice], device, cancel, store, region=(lo, hi), learn_from=old,
+                                           window=window, guard=guard)
+            if labels is not None:
+                break
         if window is None:
             out[lo:hi + 1] = out_ids[labels[choice]]
         else:
@@ -410,7 +413,7 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
 
     check(cancel)
     rows = slice(None) if only is None else np.asarray(sorted(only), dtype=int)
-    slices = as_slices(normalised(volume, None if only is None else rows), volume.rgb)
+    slices = as_slices(normalised(volume, None if only is None else rows, store.intensity_ranges()), volume.rgb)
     # Not cached: computing the filters costs ~25 ms per 256x256 slice, storing them 40 bytes per
     # voxel (3 GB for a 300x512x512 CT) for no measurable gain.
     features = intensity_features(slices) if window is None else window_features(slices, window)
