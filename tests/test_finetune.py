@@ -17,6 +17,7 @@ from napari_medvision.models.card import CardError, ModelCard  # noqa: E402
 from napari_medvision.models.transunet import PRESETS_2D  # noqa: E402
 from napari_medvision.tasks.finetune import (ANCHOR, check_corrections, correction_sampler,  # noqa: E402
                                              prepare_corrections, split_slices)
+from napari_medvision.volume import Volume  # noqa: E402
 
 from test_segment import tiny_ct_model  # noqa: E402
 
@@ -105,6 +106,22 @@ def test_only_the_corrected_slices_supervise_training():
     train, val = split_slices(slices)
     assert val == [[8]] and train == [[0, 4, 12, 16]]
     assert not (prepared.train[0] & prepared.val[0]).any()
+
+
+def test_corrections_are_turned_to_the_models_layout_with_their_scan():
+    tiny_ct_model()
+    image, corrected = corrected_ct()
+    card = mv.models.get_card("tiny-ct")
+    card.input["orientation"] = "LPS"
+    # the same scan and corrections as a NIfTI often stores them: y toward anterior, x toward the right
+    flipped = Volume(np.ascontiguousarray(np.asarray(image.data)[:, ::-1, ::-1]), spacing=image.spacing,
+                     origin=(0.0, 94.0, 78.0), direction=np.diag([1.0, -1.0, -1.0]), modality="CT")
+    flipped_labels = corrected.with_data(np.ascontiguousarray(np.asarray(corrected.data)[:, ::-1, ::-1]))
+    as_stored = prepare_corrections(card, [image], [corrected], [[0, 4, 8, 12, 16]])
+    as_nifti = prepare_corrections(card, [flipped], [flipped_labels], [[0, 4, 8, 12, 16]])
+    np.testing.assert_allclose(as_nifti.images[0], as_stored.images[0], atol=1e-5)
+    np.testing.assert_array_equal(as_nifti.labels[0], as_stored.labels[0])
+    np.testing.assert_array_equal(as_nifti.train[0], as_stored.train[0])
 
 
 def test_every_labelled_slice_is_taken_when_slices_are_not_given():

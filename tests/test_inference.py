@@ -11,7 +11,8 @@ pytest.importorskip("monai")
 import torch.nn.functional as F  # noqa: E402
 
 from napari_medvision.engine.inference import predict_labels, sliding_window, window_regions  # noqa: E402
-from napari_medvision.engine.normalise import ct_window, normalise, percentile, rgb_unit, zscore  # noqa: E402
+from napari_medvision.engine.normalise import (channel_zscore, ct_window, normalise, percentile, rgb_unit,  # noqa: E402
+                                              zscore)
 from napari_medvision.engine.progress import CancelToken, Cancelled  # noqa: E402
 from napari_medvision.engine.resample import resample_linear, to_input_grid, to_model_grid  # noqa: E402
 from napari_medvision.models.card import ModelCard  # noqa: E402
@@ -248,6 +249,23 @@ def test_normalisation_functions():
         normalise(hu, {"kind": "histogram"})
 
 
+def test_channel_zscore_measures_inside_the_field_of_view_only():
+    # a fundus-like photo: a bright disc on black; a darker copy of it (another camera) must look alike
+    yy, xx = np.mgrid[:40, :50]
+    disc = (yy - 20) ** 2 + (xx - 25) ** 2 < 18 ** 2
+    rng = np.random.default_rng(4)
+    photo = np.where(disc, rng.uniform(60, 220, size=(3, 40, 50)), 0).astype(np.uint8)
+    darker = (photo * 0.6).astype(np.uint8)
+    spec = {"kind": "channel_zscore", "mask_above": 20}
+    z, z_dark = normalise(photo, spec).numpy(), normalise(darker, spec).numpy()
+    np.testing.assert_allclose(z[:, disc].mean(axis=1), 0, atol=1e-5)
+    np.testing.assert_allclose(z[:, disc].std(axis=1, ddof=1), 1, atol=1e-4)
+    np.testing.assert_allclose(z[:, disc], z_dark[:, disc], atol=0.05)  # rounding to uint8 only
+    channels_last = np.moveaxis(photo, 0, -1)  # a non-contiguous (C, H, W) view, as the engine passes
+    np.testing.assert_allclose(channel_zscore(np.moveaxis(channels_last, -1, 0), 20).numpy(), z, atol=1e-6)
+    np.testing.assert_allclose(channel_zscore(np.zeros((3, 4, 4)), 20).numpy(), 0)  # all dark: no NaN
+
+
 # --- predict_labels: a model card's recipe on a Volume ------------------------------------------
 
 def test_3d_model_on_a_ct_at_another_spacing():
@@ -263,6 +281,61 @@ def test_3d_model_on_a_ct_at_another_spacing():
     assert seg.same_grid(ct) and seg.modality == "CT" and seg.labels == {0: "background", 1: "organ"}
     assert seg.meta["model"] == "test-model" and seg.meta["device"] == "cpu" and seg.meta["seconds"] > 0
     assert np.mean(seg.data == (hu > 0)) > 0.97  # threshold 0.4 of the window [-200, 300] is 0 HU
+
+
+def rising_toward_patient_left_net() -> torch.nn.Module:
+    """Class 1 where intensity rises along +x (array): a model that knows which way is left."""
+    conv = torch.nn.Conv3d(1, 2, (1, 1, 3), padding=(0, 0, 1))
+    with torch.no_grad():
+        conv.weight.zero_()
+        conv.bias.zero_()
+        conv.weight[1, 0, 0, 0] = torch.tensor([-50.0, 0.0, 50.0])
+    return conv.eval()
+
+
+def test_a_3d_model_sees_every_scan_in_the_layout_it_was_trained_in():
+    # the same patient stored twice: as the model's layout (x toward patient-left) and as many NIfTI
+    # files store it (y toward anterior, x toward patient-right), with the matching direction
+    ramp = np.broadcast_to(np.linspace(-100, 100, 12, dtype=np.float32), (4, 6, 12)).copy()
+    lps = Volume(ramp, spacing=(3.0, 1.0, 2.0), modality="CT")
+    nifti_like = Volume(np.ascontiguousarray(ramp[:, ::-1, ::-1]), spacing=(3.0, 1.0, 2.0), modality="CT",
+                        origin=(0.0, 5.0, 22.0), direction=np.diag([1.0, -1.0, -1.0]))
+    oriented = card(3, (4, 6, 12), normalisation={"kind": "none"})
+    oriented.input["orientation"] = "LPS"
+    net = rising_toward_patient_left_net()
+    inner = (slice(None), slice(None), slice(1, -1))  # away from the zero padding at the x edges
+    seg_lps = predict_labels(net, oriented, lps, device="cpu")
+    seg_nifti = predict_labels(net, oriented, nifti_like, device="cpu")
+    assert seg_nifti.same_grid(nifti_like)  # results stay on the input's grid
+    assert np.all(seg_lps.data[inner] == 1)  # intensity rises toward patient-left everywhere
+    np.testing.assert_array_equal(seg_nifti.data[:, ::-1, ::-1][inner], seg_lps.data[inner])
+    # without an orientation entry the model would see the mirror image and miss every voxel
+    unoriented = predict_labels(net, card(3, (4, 6, 12), normalisation={"kind": "none"}), nifti_like, device="cpu")
+    assert np.all(unoriented.data[inner] == 0)
+
+
+def test_model_layout_only_flips_and_swaps_axes():
+    from napari_medvision.engine.orientation import back_to_input_layout, in_model_layout, layout_of, model_layout
+
+    rng = np.random.default_rng(6)
+    sagittal = np.array([[0.0, 1.0, 0.0], [-1.0, 0.0, 0.0], [0.0, 0.0, 1.0]])  # ITK's head T1 stores it so
+    vol = Volume(rng.random((5, 6, 7)), spacing=(3.0, 2.0, 1.0), origin=(1, 2, 3), direction=sagittal)
+    turned, ornt = model_layout(vol, {"orientation": "LPS"})
+    np.testing.assert_allclose(turned.direction, np.eye(3))
+    assert turned.spatial_shape == (6, 5, 7) and turned.spacing == (2.0, 3.0, 1.0)
+    corner = vol.affine() @ [4, 0, 6, 1]  # a voxel keeps its world position and its value
+    index = np.rint(np.linalg.solve(turned.affine(), corner)[:3]).astype(int)
+    assert turned.data[tuple(index)] == vol.data[4, 0, 6]
+    np.testing.assert_array_equal(in_model_layout(vol.data, ornt), turned.data)
+    np.testing.assert_array_equal(back_to_input_layout(turned.data[None], ornt)[0], vol.data)
+    as_tensor = back_to_input_layout(torch.from_numpy(turned.data.copy())[None], ornt)[0]
+    np.testing.assert_array_equal(as_tensor.numpy(), vol.data)
+    assert model_layout(turned, {"orientation": "LPS"})[1] is None  # already there: untouched
+    assert model_layout(vol, {})[1] is None  # cards without an orientation keep the stored layout
+    as_nifti, _ = model_layout(vol, {"orientation": "RAS"})  # or any other layout a model was trained in
+    assert layout_of(as_nifti) == "RAS" and layout_of(turned) == "LPS" and layout_of(vol) == "LSA"
+    with pytest.raises(ValueError, match="array layout 'RAX'"):
+        model_layout(vol, {"orientation": "RAX"})
 
 
 def test_2d_model_on_a_3d_volume_runs_slice_by_slice():

@@ -107,3 +107,44 @@ def test_recipes_keep_their_test_data_out_of_training_and_of_the_checkpoint_choi
     for recipe in (ct_organs, oct_layers):
         validation = set(getattr(recipe, "VALIDATION_SEEDS", [getattr(recipe, "VALIDATION_SEED", None)]))
         assert not validation & set(recipe.TEST_SEEDS) and min(validation | set(recipe.TEST_SEEDS)) >= 1000
+
+
+def test_the_real_ct_trains_in_the_phantoms_layout(data_dir):
+    """On disk the example CT runs toward anterior and patient-right, the phantoms toward posterior
+    and patient-left; turned, both put the spleen left of the liver and the kidneys behind it."""
+    import numpy as np
+
+    from napari_medvision.recipes import ct_organs
+    from napari_medvision.synthetic import ct_abdomen
+    from napari_medvision.synthetic.ct import LABELS
+
+    ids = {name: i for i, name in LABELS.items()}
+
+    def centre(labels, organ):  # (y, x) centroid in voxels
+        return np.argwhere(labels == ids[organ])[:, 1:].mean(axis=0)
+
+    _, phantom = ct_abdomen(seed=0, shape=(32, 96, 96), spacing=(3.0, 3.5, 3.5))
+    _, stored = ct_organs.real_ct()
+    turned, labels = ct_organs.real_ct_in_model_layout()
+    np.testing.assert_allclose(turned.direction, np.eye(3), atol=1e-6)
+    for organs in (np.asarray(phantom.data), labels):
+        assert centre(organs, "spleen")[1] > centre(organs, "liver")[1]  # x toward patient-left
+        assert centre(organs, "kidney_left")[0] > centre(organs, "stomach")[0]  # y toward posterior
+    assert centre(stored, "spleen")[1] < centre(stored, "liver")[1]  # as stored: the mirror image
+
+
+def test_ct_card_scores_only_organs_the_real_slab_holds():
+    import numpy as np
+
+    from napari_medvision.recipes.ct_organs import REAL_DICE_KEY, real_slab_metrics
+    from napari_medvision.synthetic.ct import LABELS
+
+    ids = {name: i for i, name in LABELS.items()}
+    truth = np.zeros((2, 8, 8), np.uint8)
+    truth[:, :4] = ids["liver"]
+    prediction = truth.copy()
+    prediction[0, 6, 6] = ids["pancreas"]  # a false positive of an organ the slab does not hold
+    metrics = real_slab_metrics(prediction, truth)
+    assert metrics[REAL_DICE_KEY] == {"liver": 1.0}
+    assert metrics["mean dice over the organs present in the real held-out slab"] == 1.0
+    assert metrics["false-positive voxels of organs absent from the real held-out slab"]["pancreas"] == 1

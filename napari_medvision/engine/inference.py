@@ -26,6 +26,7 @@ import torch
 from ..volume import Volume
 from .device import resolve_device
 from .normalise import normalise
+from .orientation import back_to_input_layout, model_layout
 from .progress import CancelToken, ProgressFn, check, report
 from .resample import grid_shape, labels_from_probabilities, resample_linear
 
@@ -359,10 +360,11 @@ def predict_labels(
 ) -> Volume:
     """Labels Volume (argmax, uint8; uint16 above 256 classes) on ``volume``'s grid.
 
-    Runs the recipe of ``card.input``: resample to the model spacing, normalise, sliding window
+    Runs the recipe of ``card.input``: turn the axes to the card's ``orientation`` (flips and
+    swaps, see :mod:`.orientation`), resample to the model spacing, normalise, sliding window
     at ``patch_size`` (a 2D model on a 3D volume: batches of slices along axis 0), then class
-    probabilities (float16) resampled linearly back to the input grid and the argmax taken
-    there. Geometry and modality are the input's; label names the card's; ``meta`` records the
+    probabilities (float16) resampled linearly back to the input grid, the argmax taken there
+    and the axes turned back. Geometry and modality are the input's; label names the card's; ``meta`` records the
     model id, device and seconds.
     """
     start = time.perf_counter()
@@ -372,10 +374,11 @@ def predict_labels(
     if dims == 3 and volume.ndim != 3:
         raise ValueError(f"model {card.id} segments 3D volumes, this image is {volume.ndim}D")
     dev = resolve_device(device)
+    turned, ornt = model_layout(volume, spec)
     try:
-        image = prepare_image(volume, spec, dev)
+        image = prepare_image(turned, spec, dev)
     except torch.cuda.OutOfMemoryError:
-        image = prepare_image(volume, spec, "cpu")
+        image = prepare_image(turned, spec, "cpu")
     if dims == 2 and volume.ndim == 3:
         network, roi = SliceWise(network), (1, *patch[-2:])
     else:
@@ -387,7 +390,7 @@ def predict_labels(
                            out_device=None, stats=stats)
     del image
     check(cancel)
-    labels = labels_from_probabilities(probs, volume.spatial_shape)
+    labels = back_to_input_layout(labels_from_probabilities(probs, turned.spatial_shape), ornt)
     names = card.labels if card.labels is not None else {k: f"class {k}" for k in range(1, probs.shape[0])}
     del probs
     result = volume.with_data(labels, labels=names, rgb=False)

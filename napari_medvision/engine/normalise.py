@@ -9,6 +9,8 @@ CT never gets a float64 copy.
     {"kind": "zscore"}                                  (x - mean) / std over the whole image
     {"kind": "percentile", "low": 0.5, "high": 99.5}    clipped to those percentiles, scaled to [0, 1]
     {"kind": "rgb_unit"}                                uint8 colour / 255 -> [0, 1]
+    {"kind": "channel_zscore", "mask_above": 20}        each channel to zero mean, unit std over the
+                                                        pixels whose channel mean exceeds mask_above
     {"kind": "none"}                                    float32, unchanged
 """
 
@@ -60,6 +62,22 @@ def percentile(image, low: float = 0.5, high: float = 99.5, inplace: bool = Fals
     return out.div_(hi - lo) if hi > lo else out
 
 
+def channel_zscore(image, mask_above: float | None = None, eps: float = 1e-6,
+                   inplace: bool = False) -> torch.Tensor:
+    """Each channel of ``(C, *spatial)`` to zero mean and unit std, measured where the mean over
+    channels exceeds ``mask_above`` (a fundus photo's field of view, not its black surround), so
+    photos from brighter or darker cameras, or with a larger black border, look alike."""
+    out = _as_float(image, inplace)
+    flat = out.reshape(out.shape[0], -1)
+    inside = flat.mean(0) > mask_above if mask_above is not None else None
+    if inside is not None and int(inside.sum()) < 2:
+        inside = None  # an all-dark image: fall back to every pixel rather than divide by nothing
+    values = flat[:, inside] if inside is not None else flat
+    std, mean = torch.std_mean(values, dim=1)
+    shape = (-1,) + (1,) * (out.ndim - 1)
+    return out.sub_(mean.view(shape)).div_(std.clamp(min=eps).view(shape))
+
+
 def rgb_unit(image, inplace: bool = False) -> torch.Tensor:
     """8-bit colour mapped onto ``[0, 1]``."""
     return _as_float(image, inplace).div_(255.0)
@@ -79,6 +97,9 @@ def normalise(image, spec: dict[str, Any] | None, inplace: bool = False) -> torc
         return percentile(image, float(spec.get("low", 0.5)), float(spec.get("high", 99.5)), inplace)
     if kind == "rgb_unit":
         return rgb_unit(image, inplace)
+    if kind == "channel_zscore":
+        mask_above = spec.get("mask_above")
+        return channel_zscore(image, None if mask_above is None else float(mask_above), inplace=inplace)
     if kind == "none":
         return _as_float(image, inplace)
-    raise ValueError(f"unknown normalisation {kind!r}; known: ct_window, zscore, percentile, rgb_unit, none")
+    raise ValueError(f"unknown normalisation {kind!r}; known: ct_window, zscore, percentile, rgb_unit, channel_zscore, none")

@@ -31,6 +31,7 @@ SPACING = (1.5, 1.5, 1.5)
 PATCH = (48, 64, 64)  # inference window
 TRAIN_PATCH = (32, 64, 64)  # training crops: cheaper on a CPU
 NORMALISATION = {"kind": "percentile", "low": 0.5, "high": 99.5}
+ORIENTATION = "LPS"  # the phantoms' head frame (x left, y posterior, z superior); scans are turned to it
 CONTRAST_CYCLE = ("T1", "T1", "T2", "T1", "PD")
 # 180 x 216 x 180 mm: a whole adult brain at its real size. A smaller field of view shrinks the
 # phantom head to fit (96 x 112 x 96 voxels shrank it to 77 %), and the model then expects brains
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     card = ModelCard(
         id=MODEL_ID, task="segmentation", architecture=architecture, modality="MR",
         input={"spacing": list(SPACING), "normalisation": NORMALISATION, "patch_size": list(PATCH), "channels": 1,
-               "dims": 3},
+               "dims": 3, "orientation": ORIENTATION},
         labels=dict(LABELS), sha256="",
         description="Brain tissue classes (CSF, grey matter, white matter) on T1/T2/PD MR (3D TransUNet).",
     )

@@ -15,6 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..engine.normalise import normalise
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, train_segmentation
 from ..models.card import ModelCard
@@ -26,15 +27,21 @@ VALIDATION_IDS = [34, 35]             # this recipe picks its checkpoint on thes
 FIT_IDS = [i for i in TRAIN_IDS if i not in VALIDATION_IDS]
 HELD_OUT_IDS = list(range(36, 41))    # the test
 PATCH = (128, 128)
-NORMALISATION = {"kind": "rgb_unit"}
+NORMALISATION = {"kind": "channel_zscore", "mask_above": 20}  # per photo, inside the field of view
 
 
-def load_drive(root: Path, ids: list[int]):
-    """(images (3, H, W) in [0, 1], vessel masks, field-of-view masks) for DRIVE training ids."""
+def prepared(photo, normalisation=NORMALISATION) -> np.ndarray:
+    """A colour photo Volume as a network sees it: ``(3, H, W)`` float32, normalised from the
+    stored 8-bit values as inference normalises them (this model's card entry by default)."""
+    return normalise(np.moveaxis(np.asarray(photo.data), -1, 0), normalisation).numpy()
+
+
+def load_drive(root: Path, ids: list[int], normalisation=NORMALISATION):
+    """(prepared images (3, H, W), vessel masks, field-of-view masks) for DRIVE training ids;
+    ``normalisation`` another card's entry (MVG takes ``{"kind": "rgb_unit"}``: [0, 1])."""
     images, vessels, fovs = [], [], []
     for i in ids:
-        photo = io.load(root / "images" / f"{i}_training.tif")
-        images.append(np.moveaxis(np.asarray(photo.data, dtype=np.float32) / 255.0, -1, 0))
+        images.append(prepared(io.load(root / "images" / f"{i}_training.tif"), normalisation))
         vessels.append((np.asarray(io.load(root / "1st_manual" / f"{i}_manual1.gif").data) > 0).astype(np.int64))
         fovs.append(np.asarray(io.load(root / "mask" / f"{i}_training_mask.gif").data) > 0)
     return images, vessels, fovs
@@ -46,7 +53,7 @@ def synthetic_fundus(n: int, seed: int):
     images, vessels = [], []
     for k in range(n):
         photo, labels = fundus_photo(seed=seed + k, size=(584, 565))
-        images.append(np.moveaxis(np.asarray(photo.data, dtype=np.float32) / 255.0, -1, 0))
+        images.append(prepared(photo))
         vessels.append((np.asarray(labels.data) > 0).astype(np.int64))
     return images, vessels
 

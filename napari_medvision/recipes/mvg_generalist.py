@@ -41,7 +41,7 @@ def build_families(seed: int, log=print):
     image, labels = real_ct()
     real = (image.with_data(np.asarray(image.data)[REAL_CT_TRAIN]), labels[REAL_CT_TRAIN])
     denoise, segmentation = ct_families(ct_volumes(CT_PHANTOM_SEEDS, real), rng, log)
-    photos, vessels, _ = load_drive(root / "fundus_drive_train", TRAIN_IDS)
+    photos, vessels, _ = load_drive(root / "fundus_drive_train", TRAIN_IDS, {"kind": "rgb_unit"})
     add_fundus(segmentation, photos, vessels)
     oct_image, oct_labels = real_bscan("exampleOCTimage0001.tif")
     syn_images, syn_labels = synthetic_bscans(OCT_SYNTHETIC_SEEDS)

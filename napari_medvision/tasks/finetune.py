@@ -2,8 +2,8 @@
 
 The corrected label maps supervise only the slices the user actually edited (``slices=``, or
 every slice holding a label): the model's own unedited output elsewhere must not teach it. The
-images are prepared exactly as inference prepares them (``prepare_image``: the card's spacing
-and normalisation), a few corrected slices are held out for validation and early stopping, and
+images are prepared exactly as inference prepares them (the card's array layout, spacing and
+normalisation), a few corrected slices are held out for validation and early stopping, and
 the result goes into the user model folder with a card naming its parent. Shipped weights are
 never written.
 
@@ -320,6 +320,7 @@ def _slice_mask(shape: tuple[int, ...], picked: list[int]) -> np.ndarray:
 def prepare_corrections(card: ModelCard, images, labels, slices: list[list[int]]) -> Corrections:
     """Images prepared as inference prepares them, labels and slice masks on the same model grid."""
     from ..engine.inference import prepare_image
+    from ..engine.orientation import in_model_layout, model_layout
     from ..engine.resample import resample_nearest
 
     train_slices, val_slices = split_slices(slices)
@@ -329,10 +330,12 @@ def prepare_corrections(card: ModelCard, images, labels, slices: list[list[int]]
     for image, label, train, val in zip(images, labels, train_slices, val_slices):
         if not train and not val:
             continue
-        prepared = prepare_image(image, card.input, "cpu").numpy()
+        turned, ornt = model_layout(image, card.input)
+        prepared = prepare_image(turned, card.input, "cpu").numpy()
         grid = prepared.shape[1:]
         lab = np.asarray(label.data).astype(np.int64)
-        masks = [_slice_mask(lab.shape, train), _slice_mask(lab.shape, val)]
+        masks = [in_model_layout(_slice_mask(lab.shape, picked), ornt) for picked in (train, val)]
+        lab = in_model_layout(lab, ornt)
         if grid != lab.shape:
             lab = resample_nearest(lab, grid)
             masks = [resample_nearest(m, grid) for m in masks]
