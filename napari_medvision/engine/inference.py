@@ -364,8 +364,8 @@ def predict_labels(
     swaps, see :mod:`.orientation`), resample to the model spacing, normalise, sliding window
     at ``patch_size`` (a 2D model on a 3D volume: batches of slices along axis 0), then class
     probabilities (float16) resampled linearly back to the input grid, the argmax taken there
-    and the axes turned back. Geometry and modality are the input's; label names the card's; ``meta`` records the
-    model id, device and seconds.
+    and the axes turned back. Geometry and modality are the input's; label names the card's;
+    ``meta`` records the model id, device and seconds.
     """
     start = time.perf_counter()
     spec = card.input
@@ -390,7 +390,7 @@ def predict_labels(
                            out_device=None, stats=stats)
     del image
     check(cancel)
-    labels = back_to_input_layout(labels_from_probabilities(probs, turned.spatial_shape), ornt)
+    labels = np.ascontiguousarray(back_to_input_layout(labels_from_probabilities(probs, turned.spatial_shape), ornt))
     names = card.labels if card.labels is not None else {k: f"class {k}" for k in range(1, probs.shape[0])}
     del probs
     result = volume.with_data(labels, labels=names, rgb=False)

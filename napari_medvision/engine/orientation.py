@@ -27,9 +27,8 @@ def layout_ornt(code: str) -> np.ndarray:
     from nibabel.orientations import axcodes2ornt
 
     letters = str(code).upper()
-    axes = sorted(next(k for k, pair in enumerate(_WORLD_AXES) if c in pair) for c in letters
-                  if any(c in pair for pair in _WORLD_AXES))
-    if len(letters) != 3 or axes != [0, 1, 2]:
+    axes = {k for c in letters for k, pair in enumerate(_WORLD_AXES) if c in pair}
+    if len(letters) != 3 or axes != {0, 1, 2}:  # three letters, one per world axis
         raise ValueError(f"the model card's array layout {code!r} is not an orientation code such as 'LPS' or 'RAS'")
     return axcodes2ornt(tuple(letters[::-1]), _WORLD_AXES)
 
