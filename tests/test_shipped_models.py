@@ -71,19 +71,19 @@ def test_oct_layers_on_the_held_out_real_bscan(data_dir):
 
 @needs("ct-abdomen-organs-3d")
 def test_ct_organs_on_the_held_out_slab_of_the_real_ct(data_dir):
-    from napari_medvision.recipes.ct_organs import REAL_HELD_OUT, real_ct
+    from napari_medvision.recipes.ct_organs import REAL_HELD_OUT, WHOLE_SCAN_KEY, real_ct
 
-    image, truth = real_ct()
+    image, truth = real_ct()  # as stored (RAS); the model's card turns it to LPS and back
     organs = mv.segment(image, model="ct-abdomen-organs-3d", device="cpu")
     card = SHIPPED["ct-abdomen-organs-3d"]
     ids = {name: i for i, name in card.labels.items()}
     pred = np.asarray(organs.data)[REAL_HELD_OUT]
     ref = truth[REAL_HELD_OUT]
-    measured = card.metrics[next(k for k in card.metrics if k.startswith("dice, TotalSegmentator"))]
+    measured = card.metrics[WHOLE_SCAN_KEY]["dice"]  # the recipe's score of the same whole-scan run
     found = [organ for organ, value in measured.items() if value > 0.3]  # what the model finds at all
-    assert "liver" in found
-    for organ in found:
-        assert dice(pred == ids[organ], ref == ids[organ]) > measured[organ] - 0.1, organ
+    assert {"liver", "spleen"} <= set(found)
+    for organ in found:  # mv.segment overlaps windows by half, the recipe by a quarter
+        assert dice(pred == ids[organ], ref == ids[organ]) > measured[organ] - 0.05, organ
 
 
 @needs("mr-brain-tissue-3d")
