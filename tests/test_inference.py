@@ -338,6 +338,26 @@ def test_model_layout_only_flips_and_swaps_axes():
         model_layout(vol, {"orientation": "RAX"})
 
 
+def test_every_stored_layout_turns_exactly_and_back():
+    import itertools
+
+    from napari_medvision.engine.orientation import back_to_input_layout, layout_of, model_layout
+
+    data = np.random.default_rng(7).random((4, 5, 6))
+    for axes in itertools.permutations(range(3)):
+        for signs in itertools.product((1.0, -1.0), repeat=3):
+            direction = np.zeros((3, 3))
+            direction[list(axes), [0, 1, 2]] = signs  # the 48 axis-aligned ways to store a scan
+            vol = Volume(data, spacing=(1.0, 2.0, 3.0), origin=(10, 20, 30), direction=direction)
+            for code in ("LPS", "RAS"):
+                turned, ornt = model_layout(vol, {"orientation": code})
+                assert layout_of(turned) == code
+                world = vol.affine() @ [3, 1, 4, 1]  # a voxel keeps its world position and its value
+                index = np.rint(np.linalg.solve(turned.affine(), world)[:3]).astype(int)
+                assert turned.data[tuple(index)] == data[3, 1, 4]
+                np.testing.assert_array_equal(back_to_input_layout(turned.data[None], ornt)[0], data)
+
+
 def test_2d_model_on_a_3d_volume_runs_slice_by_slice():
     net = conv_net(2, classes=2, seed=4)
     with torch.no_grad():
