@@ -46,14 +46,14 @@ def model_layout(volume: Volume, card_input: dict[str, Any]) -> tuple[Volume, np
     code = card_input.get("orientation")
     if code is None or volume.ndim != 3 or volume.rgb or volume.n_leading:
         return volume, None
-    from nibabel.orientations import apply_orientation, inv_ornt_aff, io_orientation, ornt_transform
+    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
 
     ornt = ornt_transform(io_orientation(volume.affine()), layout_ornt(code))
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return volume, None
     affine = volume.affine() @ inv_ornt_aff(ornt, volume.spatial_shape)
     spacing = np.linalg.norm(affine[:3, :3], axis=0)
-    turned = Volume(np.ascontiguousarray(apply_orientation(np.asarray(volume.data), ornt)),
+    turned = Volume(in_model_layout(np.asarray(volume.data), ornt),
                     spacing=tuple(float(s) for s in spacing), origin=tuple(affine[:3, 3]),
                     direction=affine[:3, :3] / spacing[None, :], modality=volume.modality,
                     labels=volume.labels, meta=dict(volume.meta))
