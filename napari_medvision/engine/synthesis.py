@@ -119,7 +119,8 @@ def generate_slices(network, queries: Sequence[np.ndarray], prompt_for: PromptFo
     """Generated unit-space outputs, one per query slice (same shape as the slice).
 
     queries: 2D unit-space slices; prompt_for(i): the (image, target) unit-space prompt pair for
-    slice i, at the same pixel spacing as the query. Tiles of all slices share batches.
+    slice i, at the pixel spacing the task should see (``tasks.synthesize`` brings the query to the
+    example's, except for pairs in one unit space). Tiles of all slices share batches.
     """
     import torch
     from monai.data.utils import compute_importance_map
