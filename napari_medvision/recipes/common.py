@@ -70,14 +70,15 @@ def new_network(dims: int, preset: str, in_channels: int, n_classes: int, seed: 
     return build_model(architecture), architecture
 
 
-def window_probabilities(network, image: np.ndarray, roi_size, device: str, batch_size: int = 4) -> np.ndarray:
+def window_probabilities(network, image: np.ndarray, roi_size, device: str, batch_size: int = 4,
+                         overlap: float = 0.25) -> np.ndarray:
     """Class probabilities ``(n_classes, *spatial)`` of a prepared ``(C, *spatial)`` image, by the engine's
-    sliding window at the overlap the recipes validate with."""
+    sliding window; by default at the overlap the recipes validate with (``mv.segment`` uses 0.5)."""
     import torch
 
     from ..engine.inference import sliding_window
 
-    probs = sliding_window(network, torch.from_numpy(image), roi_size=tuple(roi_size), overlap=0.25,
+    probs = sliding_window(network, torch.from_numpy(image), roi_size=tuple(roi_size), overlap=overlap,
                            batch_size=batch_size, device=device)
     return probs.float().numpy()
 
@@ -122,6 +123,7 @@ def training_summary(device: str, result, config, data: str, synthetic_share: fl
         "synthetic_share": synthetic_share,
         "steps": result.steps_done,
         "batch_size": config.batch_size,
+        "seed": config.seed,
         "device": device_summary(device),
         "wall_time_s": round(result.seconds, 1),
         "stopped_because": result.stopped_because,
