@@ -13,6 +13,7 @@ import warnings
 from pathlib import Path
 
 from .io import ReadError, WriteError
+from .tasks.segment import SEGMENT_OVERLAP
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -51,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
     seg.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, .mha, .ome.zarr, ...)")
     seg.add_argument("--model", required=True, help="model id (see `medvision models`) or checkpoint path")
     seg.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    seg.add_argument("--overlap", type=float, default=0.5, help="sliding-window overlap, 0-0.9")
+    seg.add_argument("--overlap", type=float, default=SEGMENT_OVERLAP, help="sliding-window overlap, 0-0.9")
     seg.add_argument("--series", help="DICOM series to read when a folder holds several (index or UID)")
     seg.set_defaults(run=_segment)
 

@@ -143,7 +143,10 @@ def real_ct_metrics(network, real: np.ndarray, labels: np.ndarray, device: str) 
     alone = real_slab_metrics(predict(network, real[:, REAL_HELD_OUT], device), labels[REAL_HELD_OUT])
     # at mv.segment's overlap, so the card gives the number a user gets (thin organs such as the
     # aorta moved by 0.06 between overlaps 0.25 and 0.5)
-    whole = real_slab_metrics(predict(network, real, device, overlap=0.5)[REAL_HELD_OUT], labels[REAL_HELD_OUT])
+    from ..tasks.segment import SEGMENT_OVERLAP
+
+    whole = real_slab_metrics(predict(network, real, device, overlap=SEGMENT_OVERLAP)[REAL_HELD_OUT],
+                              labels[REAL_HELD_OUT])
     return {
         REAL_DICE_KEY: alone["dice"],
         "mean dice over the organs present in the real held-out slab": alone["mean dice over the organs present"],
