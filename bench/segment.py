@@ -111,13 +111,14 @@ class Setup:
         self.ct = make_ct(args.slices, args.size)
         self.image = prepare_image(self.ct, self.card.input, self.device)
 
-    def medvision(self, batch_size: int, channels_last_3d: bool = False):
+    def medvision(self, batch_size: int, channels_last_3d: bool | None = None, compile: bool = False):
+        """The engine at ``batch_size``; ``channels_last_3d=None`` lets it pick the layout, as users get it."""
         from napari_medvision.engine.inference import sliding_window
 
-        network = copy.deepcopy(self.network) if channels_last_3d else self.network  # it changes the weights' layout
+        network = copy.deepcopy(self.network)  # the engine may change the weights' layout
         return lambda: sliding_window(network, self.image, self.roi, overlap=self.args.overlap,
                                       batch_size=batch_size, device=self.device, out_device=None,
-                                      channels_last_3d=channels_last_3d)
+                                      channels_last_3d=channels_last_3d, compile=compile)
 
     def monai(self, batch_size: int):
         from monai.inferers import sliding_window_inference
@@ -193,6 +194,8 @@ def main() -> None:
                         help="MONAI batch sizes to sweep (default 1,2,4,8 on a GPU; 1,2,4 on a CPU)")
     parser.add_argument("--engine-batches", default=None,
                         help="also time medvision at these batch sizes (default: its own default only)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the engine with torch.compile (compiling is left out of the time)")
     args = parser.parse_args()
 
     from napari_medvision.engine.device import resolve_device
@@ -217,18 +220,28 @@ def main() -> None:
         record.update(peak)
         print(json.dumps({**record, **context}), flush=True)
 
+    from napari_medvision.engine.inference import prefers_channels_last_3d
+
+    layout = "channels_last_3d" if gpu and prefers_channels_last_3d(setup.network) else "default"
     ours_batch = default_batch_size(setup.roi, args.device)
     ours_s, ours, peak = best_time(setup.medvision(ours_batch), args.device, args.repeat)
-    emit({"measure": "sliding_window", "impl": "medvision", "batch_size": ours_batch, "seconds": round(ours_s, 3)},
-         peak)
+    emit({"measure": "sliding_window", "impl": "medvision", "layout": layout, "batch_size": ours_batch,
+          "seconds": round(ours_s, 3)}, peak)
     for batch in (int(b) for b in (args.engine_batches or "").split(",") if b and int(b) != ours_batch):
         seconds, _, peak = best_time(setup.medvision(batch), args.device, args.repeat)
-        emit({"measure": "sliding_window", "impl": "medvision", "batch_size": batch, "seconds": round(seconds, 3)},
-             peak)
+        emit({"measure": "sliding_window", "impl": "medvision", "layout": layout, "batch_size": batch,
+              "seconds": round(seconds, 3)}, peak)
 
-    if gpu:  # the layout the engine used before (slower for MONAI's network at batch 4, 2026-11-23)
-        seconds, _, peak = best_time(setup.medvision(ours_batch, channels_last_3d=True), args.device, args.repeat)
-        emit({"measure": "sliding_window", "impl": "medvision", "layout": "channels_last_3d",
+    if gpu:  # the layout the engine did not pick, to check its choice (prefers_channels_last_3d)
+        other = layout == "default"
+        seconds, _, peak = best_time(setup.medvision(ours_batch, channels_last_3d=other), args.device, args.repeat)
+        emit({"measure": "sliding_window", "impl": "medvision",
+              "layout": "channels_last_3d" if other else "default", "batch_size": ours_batch,
+              "seconds": round(seconds, 3)}, peak)
+
+    if args.compile:  # torch.compile'd network; the warm-up run (not timed) pays for compiling
+        seconds, _, peak = best_time(setup.medvision(ours_batch, compile=True), args.device, args.repeat)
+        emit({"measure": "sliding_window", "impl": "medvision", "compile": True, "layout": layout,
               "batch_size": ours_batch, "seconds": round(seconds, 3)}, peak)
 
     sweep = args.monai_batches or ("1,2,4,8" if gpu else "1,2,4")

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import pytest
 
@@ -402,3 +404,32 @@ def test_default_batch_size_follows_the_measured_sweet_spots():
     assert default_batch_size((64, 128, 128), "cpu") == 2  # never a batch of one on a CPU
     assert default_batch_size((16, 32, 32), "cpu") == 8
     assert default_batch_size((64, 128, 128), "cuda") == 8  # MONAI's fastest batch on an H100
+
+
+def test_the_engine_runs_narrow_3d_networks_channels_last_on_a_gpu():
+    # The layout is chosen by width, as measured on an H100 (see prefers_channels_last_3d); on a CPU
+    # it changes nothing.
+    from napari_medvision.engine.inference import prefers_channels_last_3d
+    from napari_medvision.models.registry import build_model
+    from napari_medvision.models.transunet import PRESETS_3D
+
+    def network(preset):
+        return build_model({"name": "transunet3d", "config": {**PRESETS_3D[preset], "n_classes": 3}})
+
+    assert prefers_channels_last_3d(network("tiny"))       # widest 3D convolution: 64 channels
+    assert not prefers_channels_last_3d(network("base"))   # 256 channels
+    assert not prefers_channels_last_3d(torch.nn.Conv2d(1, 8, 3))  # no 3D convolution at all
+
+
+@pytest.mark.skipif(not (shutil.which("cc") or shutil.which("gcc")),
+                    reason="torch.compile's CPU backend needs a C compiler, and none is on PATH")
+def test_compiled_network_gives_the_same_probabilities():
+    # torch.compile (optional, for repeated use on a GPU) must not change the result; the last,
+    # short batch is padded to the full batch so the compiled graph is not rebuilt for it.
+    net = conv_net(2)
+    image = torch.randn(1, 40, 52)
+    eager = sliding_window(net, image, (16, 16), overlap=0.25, batch_size=5, activation="softmax")
+    compiled = sliding_window(net, image, (16, 16), overlap=0.25, batch_size=5, activation="softmax",
+                              compile=True)
+    assert len(window_regions((40, 52), (16, 16), 0.25)) % 5  # a short last batch is exercised
+    torch.testing.assert_close(compiled.float(), eager.float(), atol=2e-3, rtol=0)

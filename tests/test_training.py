@@ -129,3 +129,19 @@ def test_shares_set_how_often_each_image_is_drawn():
     assert small_share(asked) == pytest.approx(0.4, abs=0.04)
     with pytest.raises(ValueError, match="shares"):
         PatchSampler(big + small, labels, (16, 16), shares=[1.0, 1.0])
+
+
+def test_learning_rate_decays_over_the_time_budget_when_it_runs_out_before_the_steps():
+    # A GPU lease or a CPU afternoon: 30000 steps asked, 300 s allowed. The schedule follows
+    # whichever ends first, so a run stopped by its budget ends at a low learning rate.
+    from napari_medvision.engine.training import _warmup_cosine
+
+    clock = {"elapsed": 0.0}
+    factor = _warmup_cosine(TrainConfig(steps=30000, warmup_steps=10, time_budget_s=300), clock)
+    assert factor(100) > 0.99  # early: by steps and by time, still near the peak
+    clock["elapsed"] = 150.0
+    assert factor(100) == pytest.approx(0.51, abs=0.01)  # half the time gone: half-way down the cosine
+    clock["elapsed"] = 300.0
+    assert factor(100) == pytest.approx(0.02)  # the budget spent: the floor
+    without_budget = _warmup_cosine(TrainConfig(steps=30000, warmup_steps=10), clock)
+    assert without_budget(100) > 0.99  # no budget: steps alone set the schedule

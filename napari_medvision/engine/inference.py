@@ -91,6 +91,22 @@ def _to_channels_last(network: torch.nn.Module, dims: tuple[int, ...] = (4,)) ->
             p.data = p.data.contiguous(memory_format=_memory_format(p.dim()))
 
 
+# Widest 3D convolution (output channels) up to which channels-last-3d is the faster layout.
+CHANNELS_LAST_3D_MAX_WIDTH = 64
+
+
+def prefers_channels_last_3d(network: torch.nn.Module) -> bool:
+    """Whether a network's 3D convolutions run faster channels-last-3d on CUDA: narrow ones do.
+
+    Measured on an H100 (2026-11-24, ``bench/segment.py``, 300x512x512 at overlap 0.5): the
+    shipped CT model (widest 3D convolution 64 channels) took 0.019 s channels-last-3d against
+    0.027 s in the default layout; the ``base`` preset (256 channels) 0.472 s against 0.361 s.
+    Widths between were not measured and keep the default layout.
+    """
+    widths = [p.shape[0] for p in network.parameters() if p.dim() == 5]
+    return bool(widths) and max(widths) <= CHANNELS_LAST_3D_MAX_WIDTH
+
+
 def _forward(network, tiles: torch.Tensor, amp_dtype, activation: Optional[str],
              channels_last_3d: bool = False) -> torch.Tensor:
     if tiles.is_cuda and (tiles.dim() == 4 or channels_last_3d):
@@ -189,7 +205,7 @@ def sliding_window(
     compile: bool = False,
     out_device: str | torch.device | None = "cpu",
     stats: Optional[dict[str, Any]] = None,
-    channels_last_3d: bool = False,
+    channels_last_3d: Optional[bool] = None,
 ) -> torch.Tensor:
     """Class probabilities ``(n_classes, *spatial)`` for ``image`` ``(C, *spatial)``, 2D or 3D.
 
@@ -204,10 +220,7 @@ def sliding_window(
     stats: if given, filled with the device used, final batch size, window count and where the
         blend was accumulated.
     channels_last_3d: run 3D convolutions in the channels-last-3d layout on CUDA (2D ones always
-        run channels-last there). Off by default: on an H100 (2026-11-23, ``bench/segment.py``,
-        the ``base`` preset at MONAI's batch of 4) this engine with it took 0.538 s against
-        MONAI's 0.424 s in the default layout, the layout being the main difference between the
-        two loops (cuDNN's 3D convolutions and instance norm are not always faster channels-last).
+        run channels-last there). ``None`` (default) picks by width (``prefers_channels_last_3d``).
     """
     if not 0 <= overlap < 1:
         raise ValueError(f"overlap must be in [0, 1), got {overlap}")
@@ -222,6 +235,8 @@ def sliding_window(
 
     was_training = network.training
     network = network.to(dev).eval()
+    if channels_last_3d is None:
+        channels_last_3d = prefers_channels_last_3d(network)
     if dev.type == "cuda":
         _to_channels_last(network, (4, 5) if channels_last_3d else (4,))
         free, _ = torch.cuda.mem_get_info(dev)

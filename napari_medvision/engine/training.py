@@ -96,7 +96,8 @@ def train_segmentation(
     start_weights = [p.detach().clone() for p in trainable] if config.anchor > 0 else None
     optimiser = torch.optim.AdamW(trainable, lr=config.lr,
                                   weight_decay=0.0 if start_weights else config.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config))
+    clock = {"elapsed": 0.0}  # seconds trained so far, read by the schedule
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimiser, _warmup_cosine(config, clock))
     loss_fn = DiceCELoss(to_onehot_y=True, softmax=True, include_background=False, squared_pred=False)
     masked_loss_fn = MaskedDiceCELoss()
     use_amp = config.amp and device.startswith("cuda")
@@ -129,10 +130,10 @@ def train_segmentation(
             objective.backward()
             torch.nn.utils.clip_grad_norm_(trainable, 12.0)
             optimiser.step()
+            elapsed = clock["elapsed"] = time.perf_counter() - start
             schedule.step()
             state["step"] += 1
             losses.append(float(loss.detach()))
-            elapsed = time.perf_counter() - start
             report(progress, state["step"], config.steps, f"loss {np.mean(losses[-20:]):.3f}")
             at_end = state["step"] >= config.steps or (config.time_budget_s and elapsed >= config.time_budget_s)
             if state["step"] % config.val_every == 0 or at_end:
@@ -209,11 +210,16 @@ def _validate(network, validate) -> float:
     return score
 
 
-def _warmup_cosine(config: TrainConfig):
+def _warmup_cosine(config: TrainConfig, clock: Optional[dict] = None):
+    """Linear warm-up, then cosine decay to 2 % of the peak over the steps or, where the time
+    budget will run out first, over the time: a run cut short by its budget (a GPU's lease, a
+    CPU's afternoon) still ends at a low learning rate instead of at its peak."""
     def factor(step: int) -> float:
         if step < config.warmup_steps:
             return (step + 1) / config.warmup_steps
         progress = (step - config.warmup_steps) / max(1, config.steps - config.warmup_steps)
+        if config.time_budget_s and clock is not None:
+            progress = max(progress, clock["elapsed"] / config.time_budget_s)
         return 0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
 
     return factor
