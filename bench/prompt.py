@@ -4,7 +4,7 @@ One synthetic CT of ``--slices x --size x --size`` voxels, the liver painted on 
 DINO backbone (``--model``; default a random ViT-S/14: speed does not depend on training).
 Measures, one JSON line each (best of ``--repeat``; device and date in every line):
 
-- ``content_hash``: blake2b of every voxel (the cache key);
+- ``content_hash``: SHA-256 of every voxel (the cache key);
 - ``embed``: ``slice_features`` with an empty cache (compute; the zarr store is written by a
   background thread while the caller goes on);
 - ``embed_stored``: the same until the store is on disk (``flush_cache_writes``);
@@ -19,6 +19,10 @@ Measures, one JSON line each (best of ``--repeat``; device and date in every lin
   the pixels only is read from the cache, and the head fitted on the two slices serves as one
   leave-one-out fold (the Prompt panel's "annotate one more slice" case);
 - ``registration_baseline``: ``prompt_baselines.affine_registration`` of another synthetic CT.
+
+``demons`` in each line says who computed the fields between slices: SimpleITK on a CPU, torch on
+a GPU (``tasks._demons``, the same fields); without SimpleITK installed the prompts run on torch
+and ``--no-baseline`` skips the one part that still needs it.
 
 Aims: embed <= 1 s and prompt <= 0.3 s for 300 slices on an H100; <= 100 ms per 256x256 slice
 for the prompt from cache on a CPU.
@@ -79,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-dino", action="store_true",
                         help="intensity features only: skip the DINO embedding (minutes for 300 slices on a CPU)")
     parser.add_argument("--embed-only", action="store_true",
-                        help="time the DINO embedding and cache read only (no prompting, which needs SimpleITK)")
+                        help="time the DINO embedding and cache read only (no prompting)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -102,8 +106,11 @@ def main(argv: list[str] | None = None) -> int:
     painted[chosen] = (np.asarray(labels.data)[chosen] == liver).astype(np.uint8)
     annotations = labels.with_data(painted, labels={1: "liver"})
     backbone = load_backbone(args.model).to(device)
+    from napari_medvision.tasks._propagate import demons_backend
+
     common = {"device": device_name(device), "date": date.today().isoformat(), "volume": list(shape),
-              "model": backbone.name, "short_side": EmbeddingConfig().short_side}
+              "model": backbone.name, "short_side": EmbeddingConfig().short_side,
+              "demons": demons_backend(device)}
 
     def emit(measure: str, seconds: float, **extra) -> None:
         print(json.dumps({"bench": "prompt", "measure": measure, "seconds": round(seconds, 4),

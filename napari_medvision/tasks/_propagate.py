@@ -1,7 +1,8 @@
 """Carry annotated slices to their neighbours along axis 0 by slice-to-slice deformable registration.
 
 Between two neighbouring slices an organ moves and changes shape a little; a demons registration
-(SimpleITK's fast symmetric forces) of slice z onto slice z+1 follows that, so a mask warped step
+(SimpleITK's fast symmetric forces; on a GPU the same algorithm in torch, ``_demons``) of slice z
+onto slice z+1 follows that, so a mask warped step
 by step stays on the organ far longer than a copied one (real CT liver, 14 slices away: Dice 0.87
 against 0.66 for a copy). Between two annotated slices the two propagations are blended with
 weights falling linearly with distance; beyond the outermost annotated slice the mask is carried
@@ -21,24 +22,42 @@ from ..engine.progress import CancelToken, ProgressFn, check, report
 ITERATIONS, SMOOTHING = 25, 1.5
 
 
-def demons_key() -> dict:
+def demons_backend(device=None) -> str:
+    """Who computes the fields: ``"torch"`` (``_demons``, every slice pair at once) on a GPU or where
+    SimpleITK is not installed, ``"simpleitk"`` on a CPU, where every published number was measured."""
+    if device is not None and str(device).startswith("cuda"):
+        return "torch"
+    try:
+        import SimpleITK  # noqa: F401
+    except ImportError:
+        return "torch"
+    return "simpleitk"
+
+
+def demons_key(backend: Optional[str] = None) -> dict:
     """What the fields depend on besides the pixels: the prompt cache's key for them."""
+    backend = backend or demons_backend()
+    # Bump "version" when slice_displacements changes meaning.
+    if backend == "torch":
+        return {"version": "demons-torch-1", "iterations": ITERATIONS, "smoothing": SMOOTHING}
     import SimpleITK as sitk
 
-    # Bump "version" when slice_displacements changes meaning.
     return {"version": "demons-1", "iterations": ITERATIONS, "smoothing": SMOOTHING,
             "simpleitk": sitk.Version_VersionString()}
 
 
 def slice_displacements(image: np.ndarray, iterations: int = ITERATIONS, smoothing: float = SMOOTHING,
                         progress: Optional[ProgressFn] = None, cancel: Optional[CancelToken] = None,
-                        step: tuple[int, int] = (0, 1)) -> np.ndarray:
+                        step: tuple[int, int] = (0, 1), device=None, backend: Optional[str] = None) -> np.ndarray:
     """``(z-1, 2, y, x)`` float32: where each pixel of slice z+1 comes from in slice z (dy, dx).
 
     image: ``(z, y, x)`` normalised intensities (grey; colour is averaged). The reverse direction
     uses the negated field, which for the small, smooth motions between neighbours is accurate to
     well under a pixel and halves the cost.
+    device, backend: where and by whom (``demons_backend(device)`` unless named).
     """
+    if (backend or demons_backend(device)) == "torch":
+        return _torch_displacements(image, iterations, smoothing, progress, cancel, step, device)
     import SimpleITK as sitk
 
     z = image.shape[0]
@@ -53,6 +72,32 @@ def slice_displacements(image: np.ndarray, iterations: int = ITERATIONS, smoothi
         field = sitk.GetArrayFromImage(demons.Execute(fixed, moving))  # (y, x, 2) in (dx, dy) order
         out[i, 0], out[i, 1] = field[..., 1], field[..., 0]
         report(progress, step[0] + i + 1, step[1], "following the anatomy from slice to slice")
+    return out
+
+
+def _torch_displacements(image, iterations, smoothing, progress, cancel, step, device) -> np.ndarray:
+    """``slice_displacements`` by ``_demons.demons``, in chunks of about 2 M pixels per call.
+
+    In float64, as ITK computes: in float32 the update's on/off test at the intensity threshold
+    flips for a few faint pixels and the fields drift up to 0.1 pixel from SimpleITK's; in float64
+    they agree to 1e-6, so prompting gives the same masks on either path (Apple's MPS has no
+    float64 and runs float32)."""
+    import torch
+
+    from ._demons import demons
+
+    dev = torch.device(device or "cpu")
+    dtype = torch.float32 if dev.type == "mps" else torch.float64
+    z, h, w = image.shape[:3]
+    out = np.zeros((max(z - 1, 0), 2, h, w), dtype=np.float32)
+    chunk = max(1, (1 << 21) // max(h * w, 1))
+    stack = torch.from_numpy(np.ascontiguousarray(image, dtype=np.float64 if dtype == torch.float64 else np.float32))
+    for start in range(0, z - 1, chunk):
+        check(cancel)
+        stop = min(start + chunk, z - 1)
+        pairs = stack[start:stop + 1].to(dev)
+        out[start:stop] = demons(pairs[1:], pairs[:-1], iterations, smoothing).cpu().numpy()
+        report(progress, step[0] + stop, step[1], "following the anatomy from slice to slice")
     return out
 
 

@@ -122,7 +122,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
     report(progress, 0, total, "computing image features")
     slices, features, _ = _features(volume, backbone, device, cancel, store)
     report(progress, 1, total, "following the anatomy from slice to slice")
-    displacements = _displacements(slices, store, progress, cancel, (1, total))
+    displacements = _displacements(slices, store, progress, cancel, (1, total), device)
     report(progress, depth, total, "following the anatomy from slice to slice")
 
     scores = {v: [] for v in runs.variants("propagation")}
@@ -252,7 +252,7 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
             regions.append((lo, hi))
     pairs = [z for lo, hi in regions for z in range(lo, hi)]  # the field between slices z and z + 1
     try:
-        displacements = _cached_displacements(volume.spatial_shape, store, pairs)
+        displacements = _cached_displacements(volume.spatial_shape, store, pairs, device)
     except _NotCached:
         return None  # evicted since the last prompt: the full prompt computes and stores it again
     _, learned, _ = _features(volume, backbone, device, cancel, store, only=old)
@@ -445,13 +445,14 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
     return slices, features, basis
 
 
-def _displacements(slices, store, progress, cancel, step):
+def _displacements(slices, store, progress, cancel, step, device):
     """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
-    from ._propagate import slice_displacements
+    from ._propagate import demons_backend, slice_displacements
 
-    got = store.get(*_demons_entry(slices.shape[:3]),
+    backend = demons_backend(device)
+    got = store.get(*_demons_entry(slices.shape[:3], backend),
                     lambda: {"displacements": slice_displacements(slices.mean(-1), progress=progress, cancel=cancel,
-                                                                  step=step)})
+                                                                  step=step, device=device, backend=backend)})
     return got["displacements"]
 
 
@@ -459,20 +460,23 @@ class _NotCached(Exception):
     pass
 
 
-def _cached_displacements(shape, store, rows):
+def _cached_displacements(shape, store, rows, device):
     """The ``rows`` of the cached demons fields of a volume of ``shape``; ``_NotCached`` when there are none."""
+    from ._propagate import demons_backend
+
     def missing():
         raise _NotCached()
 
-    return store.get(*_demons_entry(shape), missing, rows={"displacements": rows})["displacements"]
+    return store.get(*_demons_entry(shape, demons_backend(device)), missing,
+                     rows={"displacements": rows})["displacements"]
 
 
-def _demons_entry(shape) -> tuple:
+def _demons_entry(shape, backend) -> tuple:
     """``(kind, params, expect)`` of the demons fields of a volume of ``shape`` ``(z, y, x)`` in the cache."""
     from ._propagate import demons_key
 
     z, y, x = shape
-    return "prompt-demons", demons_key(), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")}
+    return "prompt-demons", demons_key(backend), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")}
 
 
 def _compact_in_all(example_classes, n_classes):
