@@ -369,27 +369,33 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
 def _register_example(target, target_grey, image, grey, classes, n_classes, target_store, example_store):
     """``(prior (K+1, n, y, x), local similarity (n, y, x))`` of one example registered onto ``target``.
 
-    The affine transform is read from ``target_store`` when these two scans were registered before.
+    The prior is the mean of the masks warped by each of the example's affine registrations, the
+    similarity the mean of their local correlations with the target. The transforms are read from
+    ``target_store`` when these two scans were registered before.
     """
     import SimpleITK as sitk
 
-    from ._register import affine_from_arrays, affine_arrays, local_ncc, register_affine, warp_to
+    from ._register import REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc, register_affines, warp_to
 
     shape = target_grey.shape
     t_grey, e_grey = target_grey.reshape(target.spatial_shape), grey.reshape(image.spatial_shape)
-    params = {"version": "affine-1", "example": example_store.content_hash() if example_store.enabled else None,
+    params = {"version": "affine-2", "count": REGISTRATIONS,
+              "example": example_store.content_hash() if example_store.enabled else None,
               "example_modality": image.modality, "example_rgb": bool(image.rgb),
               "simpleitk": sitk.Version_VersionString()}
     arrays = target_store.get("prompt-affine", params, {"parameters": (None, "float64"), "fixed": (None, "float64")},
-                              lambda: affine_arrays(register_affine(target, t_grey, image, e_grey)))
-    transform = affine_from_arrays(arrays, len(target.spatial_shape))
+                              lambda: affine_arrays(register_affines(target, t_grey, image, e_grey, REGISTRATIONS)))
     hot = runs.onehot(classes.reshape(image.spatial_shape), n_classes)
-    prior = np.stack([warp_to(target, image, hot[k], transform, fill=1.0 if k == 0 else 0.0)
-                      for k in range(n_classes)]).reshape((n_classes,) + shape)
-    prior /= np.maximum(prior.sum(0, keepdims=True), 1e-6)
-    warped = warp_to(target, image, e_grey, transform).reshape(shape)
     sigma = (0, 3, 3) if shape[0] > 1 else (0, 6, 6)
-    return prior, local_ncc(warped, target_grey, sigma)
+    prior = np.zeros((n_classes,) + shape, dtype=np.float32)
+    similarity = np.zeros(shape, dtype=np.float32)
+    transforms = affines_from_arrays(arrays, len(target.spatial_shape))
+    for transform in transforms:
+        warped = np.stack([warp_to(target, image, hot[k], transform, fill=1.0 if k == 0 else 0.0)
+                           for k in range(n_classes)]).reshape((n_classes,) + shape)
+        prior += warped / np.maximum(warped.sum(0, keepdims=True), 1e-6)
+        similarity += local_ncc(warp_to(target, image, e_grey, transform).reshape(shape), target_grey, sigma)
+    return prior / len(transforms), similarity / len(transforms)
 
 
 # --- shared -------------------------------------------------------------------------------------
