@@ -175,6 +175,30 @@ def test_the_registrations_of_one_example_run_side_by_side_as_they_would_alone(p
     assert together[0].GetParameters() != together[1].GetParameters()  # each seed samples other voxels
 
 
+def test_cancel_stops_the_registrations_within_a_few_iterations(phantom):
+    from napari_medvision.tasks._features import normalised
+    from napari_medvision.tasks._register import register_affines
+
+    class CancelledAfterThreeLooks(CancelToken):
+        looks = 0
+
+        @property
+        def cancelled(self):  # read once per optimiser iteration
+            self.looks += 1
+            return self.looks > 3
+
+        def raise_if_cancelled(self):
+            if self.cancelled:
+                raise Cancelled("cancelled by the user")
+
+    image, _ = phantom
+    example, _ = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)
+    token = CancelledAfterThreeLooks()
+    with pytest.raises(Cancelled):
+        register_affines(image, normalised(image), example, normalised(example), count=1, cancel=token)
+    assert token.looks < 20  # a whole registration of this pair runs ~300 iterations
+
+
 def test_adapting_may_move_a_registered_label_but_not_discard_most_of_it():
     from napari_medvision.tasks._prompt_runs import keep_registration_where_dropped
 

@@ -326,7 +326,7 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
         priors, similarities = [], []
         for (image, grey, _, classes), example_store in members:
             prior, similarity = _register_example(target, target_grey, image, grey, classes, n_classes,
-                                                  target_store, example_store)
+                                                  target_store, example_store, cancel)
             priors.append(prior)
             similarities.append(similarity)
             step("registering examples")
@@ -366,7 +366,8 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
                    {"prompt": "examples", "n_examples": n, "cached": cached})
 
 
-def _register_example(target, target_grey, image, grey, classes, n_classes, target_store, example_store):
+def _register_example(target, target_grey, image, grey, classes, n_classes, target_store, example_store,
+                      cancel=None):
     """``(prior (K+1, n, y, x), local similarity (n, y, x))`` of one example registered onto ``target``.
 
     The prior is the mean of the masks warped by each of the example's affine registrations, the
@@ -384,7 +385,8 @@ def _register_example(target, target_grey, image, grey, classes, n_classes, targ
               "example_modality": image.modality, "example_rgb": bool(image.rgb),
               "simpleitk": sitk.Version_VersionString()}
     arrays = target_store.get("prompt-affine", params, {"parameters": (None, "float64"), "fixed": (None, "float64")},
-                              lambda: affine_arrays(register_affines(target, t_grey, image, e_grey, REGISTRATIONS)))
+                              lambda: affine_arrays(register_affines(target, t_grey, image, e_grey, REGISTRATIONS,
+                                                                    cancel)))
     hot = runs.onehot(classes.reshape(image.spatial_shape), n_classes)
     sigma = (0, 3, 3) if shape[0] > 1 else (0, 6, 6)
     prior = np.zeros((n_classes,) + shape, dtype=np.float32)
