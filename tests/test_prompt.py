@@ -199,6 +199,14 @@ def test_cancel_stops_the_registrations_within_a_few_iterations(phantom):
     assert token.looks < 20  # a whole registration of this pair runs ~300 iterations
 
 
+def test_registration_samples_a_fifth_of_a_small_scan_and_at_most_1e5_voxels_of_a_large_one():
+    from napari_medvision.tasks._register import MAX_SAMPLES, sampling_shares
+
+    assert sampling_shares((30, 101, 122)) == [0.2, 0.2, 0.2]  # the real CT of docs/prompting.md
+    shares = sampling_shares((300, 512, 512))  # coarse to fine: 1/4, 1/2, full resolution
+    assert shares[0] < 0.2 and shares[-1] * 300 * 512 * 512 == pytest.approx(MAX_SAMPLES)
+
+
 def test_adapting_may_move_a_registered_label_but_not_discard_most_of_it():
     from napari_medvision.tasks._prompt_runs import keep_registration_where_dropped
 
