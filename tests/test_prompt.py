@@ -145,7 +145,8 @@ def test_registration_of_an_example_is_the_same_every_time(phantom):
 def test_an_example_of_another_modality_lends_its_layout_and_the_target_its_look(data_dir, example, target, margin):
     folder = data_dir / "ct_mr_totalseg"
     organs = {5: "liver", 1: "spleen", 2: "kidney_right", 3: "kidney_left"}  # TotalSegmentator ids
-    files = {"CT": ("example_ct_sm.nii.gz", "example_seg.nii.gz"), "MR": ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz")}
+    files = {"CT": ("example_ct_sm.nii.gz", "example_seg.nii.gz"),
+             "MR": ("example_mr_sm.nii.gz", "example_seg_mr.nii.gz")}
 
     def scan(kind):
         image, seg = files[kind]

@@ -2,10 +2,11 @@
 
 Each example image is registered to the target with affine transforms (centre-of-mass start,
 Mattes mutual information, three resolutions; five sampling seeds, their warped masks averaged);
-its mask's labels are resampled as soft probabilities. Several examples are fused voxel by voxel, each weighted by how well its warped
-image matches the target around that voxel (local normalised cross-correlation), so the example
-that fits the liver best decides the liver and another may decide the spleen. A B-spline stage
-was tried in the design probe (real CT liver: 0.76 affine, 0.60 with B-spline) and is not used.
+its mask's labels are resampled as soft probabilities. Several examples are fused voxel by
+voxel, each weighted by how well its warped image matches the target around that voxel (local
+normalised cross-correlation), so the example that fits the liver best decides the liver and
+another may decide the spleen. A B-spline stage was tried in the design probe (real CT liver:
+0.76 affine, 0.60 with B-spline) and is not used.
 """
 
 from __future__ import annotations
@@ -74,7 +75,8 @@ def _one_itk_thread():
     finish: the same call gave Dice 0.364-0.373 (real MR onto CT) from run to run on a busy
     machine. One thread (set before anything is built: filters read the default when they are
     made) makes it repeatable, which prompting needs (leave-one-out choices, cache=False giving
-    the cached result); an affine fit on a few shrunk levels stays a matter of seconds.
+    the cached result). One registration of a 150x256x256 CT takes ~45 s on one core
+    (docs/benchmarks.md); ``register_affines`` runs several at once instead.
     """
     import SimpleITK as sitk
 

@@ -376,11 +376,12 @@ def _register_example(target, target_grey, image, grey, classes, n_classes, targ
     """
     import SimpleITK as sitk
 
-    from ._register import REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc, register_affines, warp_to
+    from ._register import (MAX_SAMPLES, REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc,
+                            register_affines, warp_to)
 
     shape = target_grey.shape
     t_grey, e_grey = target_grey.reshape(target.spatial_shape), grey.reshape(image.spatial_shape)
-    params = {"version": "affine-2", "count": REGISTRATIONS,
+    params = {"version": "affine-2", "count": REGISTRATIONS, "max_samples": MAX_SAMPLES,
               "example": example_store.content_hash() if example_store.enabled else None,
               "example_modality": image.modality, "example_rgb": bool(image.rgb),
               "simpleitk": sitk.Version_VersionString()}
