@@ -335,3 +335,20 @@ def test_intensity_features_in_parallel_blocks_equal_one_pass():
     assert intensity_features(slices).shape == (19, 40, 48, 30)
     np.testing.assert_array_equal(intensity_features(slices, workers=3), one_pass)
     np.testing.assert_array_equal(intensity_features(slices, workers=1), one_pass)
+
+
+def test_the_gpu_filters_equal_scipys_to_float32_rounding():
+    from napari_medvision.tasks._features import _filter_responses, _torch_filters
+
+    rng = np.random.default_rng(0)
+    for shape in ((5, 40, 48, 1), (3, 9, 7, 3)):  # the second narrower than the widest kernel (33 px)
+        slices = rng.random(shape).astype(np.float32)
+        np.testing.assert_allclose(_torch_filters(slices, "cpu", block=2), _filter_responses(slices), atol=1e-6)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
+def test_intensity_features_on_a_gpu_equal_the_cpus():
+    from napari_medvision.tasks._features import intensity_features
+
+    slices = np.random.default_rng(0).random((19, 40, 48, 3)).astype(np.float32)
+    np.testing.assert_allclose(intensity_features(slices, device="cuda"), intensity_features(slices), atol=1e-5)

@@ -425,7 +425,8 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
     slices = as_slices(normalised(volume, None if only is None else rows, store.intensity_ranges()), volume.rgb)
     # Not cached: computing the filters costs ~25 ms per 256x256 slice, storing them 40 bytes per
     # voxel (3 GB for a 300x512x512 CT) for no measurable gain.
-    features = intensity_features(slices) if window is None else window_features(slices, window)
+    features = (intensity_features(slices, device=device) if window is None
+                else window_features(slices, window, device=device))
     if backbone is not None:
         def reduce():
             reduced, (mean, components) = dino_reduced(volume, backbone, device, cancel=cancel)
