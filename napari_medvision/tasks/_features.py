@@ -168,14 +168,12 @@ def _torch_filters(slices: np.ndarray, device, block: int = 32) -> np.ndarray:
     kernels = {(s, order): torch.as_tensor(_scipy_kernel(s, order), device=device)
                for s in set(SMOOTH + EDGES) for order in (0, 1, 2)}
 
-    def along(image, sigma, order_y, order_x):
-        for axis, order in ((2, order_y), (3, order_x)):
-            kernel = kernels[(sigma, order)]
-            radius = (len(kernel) - 1) // 2
-            image = torch.index_select(image, axis, _reflect_index(image.shape[axis], radius, image.device))
-            shape = (1, 1, len(kernel), 1) if axis == 2 else (1, 1, 1, len(kernel))
-            image = torch.nn.functional.conv2d(image, kernel.view(shape))
-        return image
+    def convolve(image, sigma, order, axis):
+        kernel = kernels[(sigma, order)]
+        padded = torch.index_select(image, axis, _reflect_index(image.shape[axis], (len(kernel) - 1) // 2,
+                                                                image.device))
+        shape = (1, 1, len(kernel), 1) if axis == 2 else (1, 1, 1, len(kernel))
+        return torch.nn.functional.conv2d(padded, kernel.view(shape))
 
     with torch.no_grad():
         for start in range(0, n, block):
@@ -183,12 +181,21 @@ def _torch_filters(slices: np.ndarray, device, block: int = 32) -> np.ndarray:
             responses = []
             for ch in range(c):
                 image = part[..., ch].unsqueeze(1).float()  # (b, 1, y, x)
+                done = {}  # each pass along y (and each whole filter) once: 3 y-passes serve 6 filters a sigma
+
+                def along(sigma, order_y, order_x):
+                    if (sigma, order_y) not in done:
+                        done[(sigma, order_y)] = convolve(image, sigma, order_y, 2)
+                    if (sigma, order_y, order_x) not in done:
+                        done[(sigma, order_y, order_x)] = convolve(done[(sigma, order_y)], sigma, order_x, 3)
+                    return done[(sigma, order_y, order_x)]
+
                 responses.append(image)
-                responses += [along(image, s, 0, 0) for s in SMOOTH]
+                responses += [along(s, 0, 0) for s in SMOOTH]
                 for s in EDGES:
-                    smooth, dy, dx = along(image, s, 0, 0), along(image, s, 1, 0), along(image, s, 0, 1)
+                    smooth, dy, dx = along(s, 0, 0), along(s, 1, 0), along(s, 0, 1)
                     responses.append(torch.sqrt(smooth ** 2 + dy ** 2 + dx ** 2))
-                    hyy, hxx, hxy = along(image, s, 2, 0), along(image, s, 0, 2), along(image, s, 1, 1)
+                    hyy, hxx, hxy = along(s, 2, 0), along(s, 0, 2), along(s, 1, 1)
                     half_trace, root = (hxx + hyy) / 2, torch.sqrt(((hxx - hyy) / 2) ** 2 + hxy ** 2)
                     responses += [(half_trace + root) * s * s, (half_trace - root) * s * s]
             out[start:start + block] = torch.cat(responses, 1).permute(0, 2, 3, 1).cpu().numpy()

@@ -99,11 +99,7 @@ def _register_affine(sitk, target, target_image, example, example_image, iterati
     method.SetMetricSamplingStrategy(method.RANDOM)
     # SimpleITK reads a sampling seed of 0 as "seed from the wall clock" (sitkWallClock), which
     # made every registration, and so every cross-scan prompt, differ from run to run.
-    shares = sampling_shares(target_image.shape)
-    if all(share == SAMPLED for share in shares):
-        method.SetMetricSamplingPercentage(SAMPLED, seed + 1)
-    else:
-        method.SetMetricSamplingPercentagePerLevel(shares, seed + 1)
+    method.SetMetricSamplingPercentagePerLevel(sampling_shares(target_image.shape), seed + 1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
                                                     gradientMagnitudeTolerance=1e-6)
@@ -129,7 +125,8 @@ def sampling_shares(shape: tuple[int, ...], shrinks=SHRINKS) -> list[float]:
     A fifth of them, but at most ``MAX_SAMPLES``: mutual information over 32 bins is as well
     estimated from 1e5 samples as from 1e7, and a fifth of a 150x256x256 CT made one
     registration take minutes. Every scan of docs/prompting.md has fewer than 5e5 voxels, so
-    their registrations are those of a plain fifth, sample for sample.
+    their registrations are those of a plain fifth, sample for sample (the same transforms as
+    ``SetMetricSamplingPercentage(0.2)``, checked on the real CT and MR).
     """
     out = []
     for shrink in shrinks:
