@@ -18,7 +18,10 @@ Measures, one JSON line each (best of ``--repeat``; device and date in every lin
 - ``prompt_warm``: the next prompt of the same volume, one more slice painted: what depends on
   the pixels only is read from the cache, and the head fitted on the two slices serves as one
   leave-one-out fold (the Prompt panel's "annotate one more slice" case);
-- ``registration_baseline``: ``prompt_baselines.affine_registration`` of another synthetic CT.
+- ``registration_baseline``: ``prompt_baselines.affine_registration`` of another synthetic CT;
+- ``prompt_preview_profile`` (``--profile``): the preview once more under cProfile, the project's
+  functions that took longest (cumulative seconds; on a GPU a function that waits for the
+  device is charged for what the device did before).
 
 ``demons`` in each line says who computed the fields between slices: SimpleITK on a CPU, torch on
 a GPU (``tasks._demons``, the same fields); without SimpleITK installed the prompts run on torch
@@ -70,6 +73,26 @@ def timed(fn, repeat: int, sync: bool) -> tuple[float, object]:
     return best, result
 
 
+def profiled(fn, sync: bool, top: int = 15) -> tuple[float, dict[str, float]]:
+    """``(seconds, {function: cumulative seconds})`` of one call of ``fn``: the project's slowest functions."""
+    import cProfile
+    import pstats
+
+    profile = cProfile.Profile()
+    start = time.perf_counter()
+    profile.enable()
+    fn()
+    if sync:
+        torch.cuda.synchronize()
+    profile.disable()
+    seconds = time.perf_counter() - start
+    stats = pstats.Stats(profile).stats  # {(file, line, name): (calls, primitive, own, cumulative, callers)}
+    ours = [(f"{Path(file).name}:{name}", value[3]) for (file, _, name), value in stats.items()
+            if "napari_medvision" in file]
+    ours.sort(key=lambda item: -item[1])
+    return seconds, {name: round(cumulative, 4) for name, cumulative in ours[:top]}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default=None)
@@ -84,6 +107,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="intensity features only: skip the DINO embedding (minutes for 300 slices on a CPU)")
     parser.add_argument("--embed-only", action="store_true",
                         help="time the DINO embedding and cache read only (no prompting)")
+    parser.add_argument("--profile", action="store_true", help="also profile the preview (where its time goes)")
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,6 +199,10 @@ def main(argv: list[str] | None = None) -> int:
              cached=sorted(set(preview[1].meta.get("cached"))))
         emit("prompt_warm", warm[0], features=name, dice_liver=dice_of(warm[1]), annotated=more,
              cached=sorted(set(warm[1].meta.get("cached"))))
+        if args.profile:
+            seconds, stages = profiled(lambda: prompt(image, annotations=annotations_more, model=model,
+                                                      device=device, previous=first[1]), sync)
+            emit("prompt_preview_profile", seconds, features=name, stages=stages)
 
     if args.no_baseline:
         return 0

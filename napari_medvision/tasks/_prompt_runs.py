@@ -119,8 +119,11 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
         displacements = displacements[:, :, y0:y1, x0:x1]
     annotated = [a - lo for a in annotated if lo <= a <= hi]
     hot = onehot(classes, n_classes)
+    in_torch = priors_on_device(device)
+    if in_torch:
+        hot, displacements = _on(hot, device), _on(displacements, device)
     if head is not None:
-        head = head.predict(features)
+        head = head.predict(features, on_device=in_torch)
     check(cancel)
     out, tracked = {}, None
     anchor = np.full(classes.shape, -1, dtype=np.int32)
@@ -140,16 +143,37 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
             if window is not None and not _clear_of_edges(prior, guard):
                 return None
             prob = combine(head, soften(prior, distance), w)
-        labels = np.argmax(prob, axis=0).astype(np.int32)
-        labels = clean_up(labels, compact, anchor)
+        labels = clean_up(_class_map(prob), compact, anchor)
         labels[annotated] = classes[annotated]  # what the user drew is kept as drawn
         out[variant] = labels
     return out
 
 
-def _clear_of_edges(prior: np.ndarray, guard: tuple[int, int, int, int]) -> bool:
+def priors_on_device(device) -> bool:
+    """Whether propagation, the blur of the prior and its product with the head run in torch on
+    ``device``: on a GPU, which scipy would leave idle while the CPU works through every slice.
+    A CPU keeps scipy, the path of every published number; the two agree to float32 rounding."""
+    return device is not None and str(device).startswith("cuda")
+
+
+def _on(array: np.ndarray, device):
+    import torch
+
+    return torch.from_numpy(np.ascontiguousarray(array)).to(device)
+
+
+def _as_numpy(array) -> np.ndarray:
+    return array if isinstance(array, np.ndarray) else array.cpu().numpy()
+
+
+def _class_map(prob) -> np.ndarray:
+    """``argmax`` over classes of ``prob`` ``(K+1, ...)`` (numpy or a tensor) as a numpy int32 map."""
+    return _as_numpy(prob.argmax(0)).astype(np.int32)
+
+
+def _clear_of_edges(prior, guard: tuple[int, int, int, int]) -> bool:
     """Whether every label of ``prior`` ``(K+1, z, y, x)`` keeps ``guard`` pixels from each edge."""
-    found = (prior[1:] > 0).any(axis=(0, 1))
+    found = _as_numpy((prior[1:] > 0).any(0).any(0))  # numpy or torch alike
     rows, cols = np.flatnonzero(found.any(1)), np.flatnonzero(found.any(0))
     if rows.size == 0:
         return True

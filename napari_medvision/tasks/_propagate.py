@@ -101,17 +101,41 @@ def _torch_displacements(image, iterations, smoothing, progress, cancel, step, d
     return out
 
 
-def warp(prob: np.ndarray, displacement: np.ndarray) -> np.ndarray:
-    """``prob`` ``(K, y, x)`` pulled along ``displacement`` ``(2, y, x)`` (bilinear, edges repeated)."""
+def warp(prob, displacement):
+    """``prob`` ``(K, y, x)`` pulled along ``displacement`` ``(2, y, x)`` (bilinear, edges repeated).
+
+    numpy arrays go through scipy (the CPU path, every published number); torch tensors through
+    ``grid_sample`` on their device, the same interpolation to float32 rounding.
+    """
+    if not isinstance(prob, np.ndarray):
+        return _warp_torch(prob, displacement)
     yy, xx = np.mgrid[: prob.shape[1], : prob.shape[2]].astype(np.float32)
     coords = [yy + displacement[0], xx + displacement[1]]
     return np.stack([ndi.map_coordinates(p, coords, order=1, mode="nearest") for p in prob])
 
 
-def propagate(onehot: np.ndarray, annotated: list[int], displacements: np.ndarray,
-              head: Optional[np.ndarray] = None, vanish: float = 0.3,
-              limit: Optional[int] = None) -> tuple[np.ndarray, np.ndarray]:
+def _warp_torch(prob, displacement):
+    """``warp`` for torch tensors: ``grid_sample`` with ``border`` padding is scipy's order-1
+    ``mode="nearest"`` (a point past the edge takes the edge's value)."""
+    import torch
+
+    height, width = prob.shape[1:]
+    yy = torch.arange(height, device=prob.device, dtype=prob.dtype).view(-1, 1)
+    xx = torch.arange(width, device=prob.device, dtype=prob.dtype).view(1, -1)
+    # grid_sample wants x, y in [-1, 1] (align_corners: -1 and 1 are the edge pixels' centres)
+    gx = (xx + displacement[1]) * (2.0 / max(width - 1, 1)) - 1.0
+    gy = (yy + displacement[0]) * (2.0 / max(height - 1, 1)) - 1.0
+    grid = torch.stack([gx, gy], dim=-1).unsqueeze(0)
+    return torch.nn.functional.grid_sample(prob.unsqueeze(0), grid, mode="bilinear", padding_mode="border",
+                                           align_corners=True)[0]
+
+
+def propagate(onehot, annotated: list[int], displacements, head=None, vanish: float = 0.3,
+              limit: Optional[int] = None) -> tuple:
     """``(prior (K+1, z, y, x), distance (z,))`` from annotated slices of ``onehot``.
+
+    Arrays are numpy (scipy on the CPU) or torch tensors on one device (a GPU: every step stays
+    there); ``distance`` is numpy either way.
 
     onehot: ``(K+1, z, y, x)`` class probabilities, meaningful on the ``annotated`` slices only.
     head: appearance probabilities ``(K+1, z, y, x)``; when given, a label carried beyond the
@@ -122,7 +146,7 @@ def propagate(onehot: np.ndarray, annotated: list[int], displacements: np.ndarra
     """
     n_classes, depth = onehot.shape[:2]
     annotated = sorted(set(int(a) for a in annotated))
-    prior = np.zeros(onehot.shape, dtype=np.float32)
+    prior = onehot * 0  # zeros of onehot's kind: a numpy array or a tensor on its device
     prior[0] = 1.0
     distance = np.min(np.abs(np.arange(depth)[:, None] - np.asarray(annotated)[None, :]), axis=1)
     for a in annotated:
@@ -164,7 +188,7 @@ def _beyond(prior, start_prob, start, stop, direction, displacements, head, vani
             alive &= _kept(current, head[:, z]) >= vanish
         if limit is not None and steps > limit:
             alive[:] = False
-        out = current.copy()
+        out = current * 1  # a copy, numpy or torch
         gone = ~alive
         if gone.any():  # labels that ended hand their probability back to background
             out[0] += out[1:][gone].sum(0)
@@ -178,4 +202,4 @@ def _kept(prob: np.ndarray, head: np.ndarray) -> np.ndarray:
 
     posterior = combine(head, prob, weight=2.0)
     carried = prob[1:].reshape(prob.shape[0] - 1, -1).sum(1)
-    return posterior[1:].reshape(carried.shape[0], -1).sum(1) / np.maximum(carried, 1e-6)
+    return posterior[1:].reshape(carried.shape[0], -1).sum(1) / carried.clip(min=1e-6)

@@ -75,8 +75,9 @@ class AppearanceHead:
         self.std = torch.from_numpy(state["std"]).to(self.device)
         return self
 
-    def predict(self, features: np.ndarray, chunk: Optional[int] = None) -> np.ndarray:
-        """Class probabilities ``(n_classes, *features.shape[:-1])`` float32.
+    def predict(self, features: np.ndarray, chunk: Optional[int] = None, on_device: bool = False):
+        """Class probabilities ``(n_classes, *features.shape[:-1])`` float32 (numpy; a tensor left on
+        the head's device with ``on_device``, for what follows there).
 
         The normalisation is folded into the first layer and the pixels go through in chunks: of
         32k on a CPU, whose activations stay in its cache (3x faster than 256k chunks on one
@@ -90,7 +91,10 @@ class AppearanceHead:
 
         first, second, third = self.net[0], self.net[2], self.net[4]
         flat = features.reshape(-1, features.shape[-1])
-        out = np.empty((self.n_classes, flat.shape[0]), dtype=np.float32)
+        if on_device:
+            out = torch.empty((self.n_classes, flat.shape[0]), dtype=torch.float32, device=self.device)
+        else:
+            out = np.empty((self.n_classes, flat.shape[0]), dtype=np.float32)
         with torch.no_grad():
             w1 = first.weight / self.std
             b1 = first.bias - w1 @ self.mean
@@ -100,7 +104,8 @@ class AppearanceHead:
                 hidden = torch.addmm(b1, x.to(self.device), w1).relu_()
                 hidden = torch.addmm(second.bias, hidden, w2).relu_()
                 logits = torch.addmm(third.bias, hidden, w3)
-                out[:, start:start + chunk] = torch.softmax(logits, dim=1).T.cpu().numpy()
+                prob = torch.softmax(logits, dim=1).T
+                out[:, start:start + chunk] = prob if on_device else prob.cpu().numpy()
         return out.reshape((self.n_classes,) + features.shape[:-1])
 
 
@@ -139,28 +144,62 @@ SOFTEN_CAP = 3.0  # the widest in-plane blur of the prior, in pixels
 SOFTEN_REACH = int(4 * SOFTEN_CAP + 0.5) + 1  # pixels that blur reaches (scipy truncates at 4 sigma)
 
 
-def soften(prior: np.ndarray, distance: Optional[np.ndarray] = None, base: float = 0.5, per_slice: float = 0.25,
-           cap: float = SOFTEN_CAP) -> np.ndarray:
+def soften(prior, distance: Optional[np.ndarray] = None, base: float = 0.5, per_slice: float = 0.25,
+           cap: float = SOFTEN_CAP):
     """The prior ``(K+1, z, y, x)`` blurred in-plane, more the farther a slice is from its source.
 
     distance: ``(z,)`` slices to the nearest annotated slice (None: ``base`` everywhere). A mask
     carried over ten slices is only roughly where the organ is; its edge should not be trusted.
+    prior: a numpy array (scipy) or a torch tensor (blurred on its device, ``_soften_torch``).
     """
-    out = np.empty_like(prior)
     dist = np.zeros(prior.shape[1]) if distance is None else np.asarray(distance, dtype=float)
-    for z in range(prior.shape[1]):
-        sigma = min(cap, base + per_slice * dist[z])
+    sigmas = [min(cap, base + per_slice * d) for d in dist]
+    if not isinstance(prior, np.ndarray):
+        return _soften_torch(prior, sigmas)
+    out = np.empty_like(prior)
+    for z, sigma in enumerate(sigmas):
         out[:, z] = ndi.gaussian_filter(prior[:, z], (0, sigma, sigma)) if sigma > 0 else prior[:, z]
     out /= np.maximum(out.sum(0, keepdims=True), 1e-6)
     return out
 
 
-def combine(head: Optional[np.ndarray], prior: Optional[np.ndarray], weight: float = 1.0) -> np.ndarray:
-    """``head * prior ** weight`` normalised over classes; either may be None (then the other alone)."""
+def _soften_torch(prior, sigmas: list[float]):
+    """``soften`` of a tensor: the slices of each sigma blurred together with scipy's own kernel and
+    its reflected edges (``_features._scipy_kernel``; torch has no such filter), so it matches the
+    scipy path to float32 rounding. Distances are whole slices, so there are a dozen sigmas at most.
+    """
+    import torch
+
+    from ._features import _reflect_index, _scipy_kernel
+
+    out = prior.clone()
+    for sigma in sorted(set(sigmas)):
+        if sigma <= 0:
+            continue
+        rows = torch.as_tensor([z for z, s in enumerate(sigmas) if s == sigma], device=prior.device)
+        kernel = torch.as_tensor(_scipy_kernel(sigma, 0), device=prior.device, dtype=prior.dtype)
+        radius = (len(kernel) - 1) // 2
+        part = prior.index_select(1, rows).flatten(0, 1).unsqueeze(1)  # (K+1 * n, 1, y, x)
+        for axis, shape in ((2, (1, 1, -1, 1)), (3, (1, 1, 1, -1))):
+            padded = part.index_select(axis, _reflect_index(part.shape[axis], radius, prior.device))
+            part = torch.nn.functional.conv2d(padded, kernel.view(shape))
+        out[:, rows] = part.view(prior.shape[0], len(rows), *prior.shape[2:])
+    return out / out.sum(0, keepdim=True).clamp_min(1e-6)
+
+
+def combine(head, prior, weight: float = 1.0):
+    """``head * prior ** weight`` normalised over classes; either may be None (then the other alone).
+
+    numpy arrays or torch tensors (on one device), as given."""
     if head is None:
         return prior
     if prior is None:
         return head
+    if not isinstance(head, np.ndarray):
+        import torch
+
+        log = torch.log(head.clamp_min(EPS)) + weight * torch.log(prior.clamp_min(EPS))
+        return torch.softmax(log, dim=0)
     log = np.log(np.maximum(head, EPS)) + weight * np.log(np.maximum(prior, EPS))
     log -= log.max(0, keepdims=True)
     p = np.exp(log)
