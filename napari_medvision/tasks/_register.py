@@ -173,7 +173,17 @@ def local_ncc(a: np.ndarray, b: np.ndarray, sigma: float = 3.0) -> np.ndarray:
     return (cov / np.sqrt(va * vb + 1e-6)).astype(np.float32)
 
 
-def fuse(priors: list[np.ndarray], similarities: list[np.ndarray], sharpness: float = 10.0) -> np.ndarray:
+# How strongly the local similarity picks between examples. Set by leave-one-out among example
+# scans, not on a target's labels: with each of four CT phantoms predicted from two others (every
+# choice of three; mean Dice over the four choices), 5 was level with or above 10 in every choice:
+# prior alone 0.656 against 0.654, head times prior 0.747 against 0.743 (weight 1) and 0.725
+# against 0.718 (weight 2), while plain averaging (0) lost (0.622 / 0.740 / 0.721) and 20 did not
+# gain. Local correlation of intensities says less across scanners than between phantoms of one
+# generator, so the softer of the two is also the safer side.
+FUSION_SHARPNESS = 5.0
+
+
+def fuse(priors: list[np.ndarray], similarities: list[np.ndarray], sharpness: float = FUSION_SHARPNESS) -> np.ndarray:
     """Locally weighted vote: ``sum_i w_i p_i / sum_i w_i`` with ``w_i = exp(sharpness * ncc_i)``."""
     if len(priors) == 1:
         return priors[0]
