@@ -104,8 +104,9 @@ def _torch_displacements(image, iterations, smoothing, progress, cancel, step, d
 def warp(prob, displacement):
     """``prob`` ``(K, y, x)`` pulled along ``displacement`` ``(2, y, x)`` (bilinear, edges repeated).
 
-    numpy arrays go through scipy (the CPU path, every published number); torch tensors through
-    ``grid_sample`` on their device, the same interpolation to float32 rounding.
+    Torch tensors (what ``mv.prompt`` gives it, on any device) go through ``grid_sample``;
+    numpy arrays through scipy, the reference the torch path is tested against (they agree to
+    float32 rounding).
     """
     if not isinstance(prob, np.ndarray):
         return _warp_torch(prob, displacement)
@@ -134,8 +135,8 @@ def propagate(onehot, annotated: list[int], displacements, head=None, vanish: fl
               limit: Optional[int] = None) -> tuple:
     """``(prior (K+1, z, y, x), distance (z,))`` from annotated slices of ``onehot``.
 
-    Arrays are numpy (scipy on the CPU) or torch tensors on one device (a GPU: every step stays
-    there); ``distance`` is numpy either way.
+    Arrays are torch tensors on one device (``mv.prompt``: every step stays there) or numpy
+    (scipy, the tests' reference); ``distance`` is numpy either way.
 
     onehot: ``(K+1, z, y, x)`` class probabilities, meaningful on the ``annotated`` slices only.
     head: appearance probabilities ``(K+1, z, y, x)``; when given, a label carried beyond the
