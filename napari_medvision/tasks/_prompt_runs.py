@@ -119,9 +119,9 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
         displacements = displacements[:, :, y0:y1, x0:x1]
     annotated = [a - lo for a in annotated if lo <= a <= hi]
     # The prior is carried, blurred and multiplied in torch on ``device``: on a GPU it stays
-    # there, and on a CPU it is faster than scipy too (a warm 100x256x256 prompt 12.3-12.6 -> 7.5-10.2 s,
-    # the preview at 300x512x512 1.1-1.3 -> 0.85-0.97 s); the results agree with scipy's to
-    # float32 rounding (tests/test_prompt_on_device.py) and gave the same tables.
+    # there, and on a CPU it is faster than scipy too (a warm 100x256x256 prompt 12.3-12.6 ->
+    # 7.5-10.2 s, the preview at 300x512x512 1.1-1.3 -> 0.85-0.97 s); the results agree with
+    # scipy's to float32 rounding (tests/test_prompt_on_device.py) and gave the same tables.
     hot, displacements = _on(onehot(classes, n_classes), device), _on(displacements, device)
     if head is not None:
         head = head.predict(features, on_device=True)
