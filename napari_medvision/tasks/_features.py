@@ -168,13 +168,6 @@ def _torch_filters(slices: np.ndarray, device, block: int = 32) -> np.ndarray:
     kernels = {(s, order): torch.as_tensor(_scipy_kernel(s, order), device=device)
                for s in set(SMOOTH + EDGES) for order in (0, 1, 2)}
 
-    def convolve(image, sigma, order, axis):
-        kernel = kernels[(sigma, order)]
-        padded = torch.index_select(image, axis, _reflect_index(image.shape[axis], (len(kernel) - 1) // 2,
-                                                                image.device))
-        shape = (1, 1, len(kernel), 1) if axis == 2 else (1, 1, 1, len(kernel))
-        return torch.nn.functional.conv2d(padded, kernel.view(shape))
-
     with torch.no_grad():
         for start in range(0, n, block):
             part = torch.as_tensor(np.ascontiguousarray(slices[start:start + block]), device=device)
@@ -185,9 +178,10 @@ def _torch_filters(slices: np.ndarray, device, block: int = 32) -> np.ndarray:
 
                 def along(sigma, order_y, order_x):
                     if (sigma, order_y) not in done:
-                        done[(sigma, order_y)] = convolve(image, sigma, order_y, 2)
+                        done[(sigma, order_y)] = correlate_along(image, kernels[(sigma, order_y)], 2)
                     if (sigma, order_y, order_x) not in done:
-                        done[(sigma, order_y, order_x)] = convolve(done[(sigma, order_y)], sigma, order_x, 3)
+                        done[(sigma, order_y, order_x)] = correlate_along(done[(sigma, order_y)],
+                                                                          kernels[(sigma, order_x)], 3)
                     return done[(sigma, order_y, order_x)]
 
                 responses.append(image)
@@ -200,6 +194,17 @@ def _torch_filters(slices: np.ndarray, device, block: int = 32) -> np.ndarray:
                     responses += [(half_trace + root) * s * s, (half_trace - root) * s * s]
             out[start:start + block] = torch.cat(responses, 1).permute(0, 2, 3, 1).cpu().numpy()
     return out
+
+
+def correlate_along(image, kernel, axis: int):
+    """``image`` ``(b, 1, y, x)`` (a tensor) correlated with the 1D ``kernel`` along ``axis`` (2: y,
+    3: x), its edges reflected as scipy's ``mode="reflect"`` does: with ``_scipy_kernel``, one pass
+    of scipy's ``gaussian_filter1d`` on the tensor's device."""
+    import torch
+
+    padded = image.index_select(axis, _reflect_index(image.shape[axis], (len(kernel) - 1) // 2, image.device))
+    shape = (1, 1, -1, 1) if axis == 2 else (1, 1, 1, -1)
+    return torch.nn.functional.conv2d(padded, kernel.view(shape))
 
 
 def _scipy_kernel(sigma: float, order: int) -> np.ndarray:

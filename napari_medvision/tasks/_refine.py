@@ -165,12 +165,12 @@ def soften(prior, distance: Optional[np.ndarray] = None, base: float = 0.5, per_
 
 def _soften_torch(prior, sigmas: list[float]):
     """``soften`` of a tensor: the slices of each sigma blurred together with scipy's own kernel and
-    its reflected edges (``_features._scipy_kernel``; torch has no such filter), so it matches the
+    its reflected edges (``_features.correlate_along``; torch has no such filter), so it matches the
     scipy path to float32 rounding. Distances are whole slices, so there are a dozen sigmas at most.
     """
     import torch
 
-    from ._features import _reflect_index, _scipy_kernel
+    from ._features import _scipy_kernel, correlate_along
 
     out = prior.clone()
     for sigma in sorted(set(sigmas)):
@@ -178,11 +178,8 @@ def _soften_torch(prior, sigmas: list[float]):
             continue
         rows = torch.as_tensor([z for z, s in enumerate(sigmas) if s == sigma], device=prior.device)
         kernel = torch.as_tensor(_scipy_kernel(sigma, 0), device=prior.device, dtype=prior.dtype)
-        radius = (len(kernel) - 1) // 2
         part = prior.index_select(1, rows).flatten(0, 1).unsqueeze(1)  # (K+1 * n, 1, y, x)
-        for axis, shape in ((2, (1, 1, -1, 1)), (3, (1, 1, 1, -1))):
-            padded = part.index_select(axis, _reflect_index(part.shape[axis], radius, prior.device))
-            part = torch.nn.functional.conv2d(padded, kernel.view(shape))
+        part = correlate_along(correlate_along(part, kernel, 2), kernel, 3)
         out[:, rows] = part.view(prior.shape[0], len(rows), *prior.shape[2:])
     return out / out.sum(0, keepdim=True).clamp_min(1e-6)
 
