@@ -16,7 +16,7 @@ import napari_medvision as mv
 from napari_medvision.synthetic import ct_abdomen
 from napari_medvision.tasks import _prompt_runs as runs
 from napari_medvision.tasks._propagate import propagate, warp
-from napari_medvision.tasks._refine import combine, soften
+from napari_medvision.tasks._refine import _soften_torch, combine, soften
 
 torch.set_num_threads(1)
 
@@ -69,6 +69,7 @@ def test_carrying_masks_over_many_slices_in_torch_equals_scipy():
     np.testing.assert_array_equal(distance_torch, distance)
     assert prior[1:, 4].sum() > 0 and prior[1:, 20].sum() > 0
     assert prior[1:, :3].sum() == 0 and prior[1:, 22:].sum() == 0 and in_torch[1:, 22:].sum() == 0
+    np.testing.assert_allclose(in_torch.sum(0).numpy(), 1.0, atol=1e-5)  # where every label ended: background
 
 
 def test_the_growing_blur_and_the_product_with_the_head_equal_scipy_in_torch():
@@ -78,10 +79,37 @@ def test_the_growing_blur_and_the_product_with_the_head_equal_scipy_in_torch():
     distance = np.abs(np.arange(15) - 4)  # sigmas from 0.5 up to the 3-pixel cap
 
     soft = soften(prior, distance)
-    soft_torch = soften(torch.from_numpy(prior), distance)
+    soft_torch = soften(torch.from_numpy(prior), distance)  # on a CPU: scipy, around the labels
+    sigmas = [min(3.0, 0.5 + 0.25 * d) for d in distance]
     np.testing.assert_allclose(soft_torch.numpy(), soft, atol=1e-6)
+    np.testing.assert_allclose(_soften_torch(torch.from_numpy(prior), sigmas).numpy(), soft, atol=1e-6)  # a GPU's way
     np.testing.assert_allclose(combine(torch.from_numpy(head), soft_torch, 2.0).numpy(),
                                combine(head, soft, 2.0), atol=1e-6)
+
+
+def test_blurring_only_around_the_labels_gives_the_whole_slices_blur():
+    from scipy import ndimage as ndi
+
+    rng = np.random.default_rng(5)
+    prior = np.zeros((3, 6, 64, 80), dtype=np.float32)
+    prior[0] = 1.0
+    prior[1, :, 20:30, 10:25] = rng.uniform(0.2, 1.0, (6, 10, 15))  # an unsure organ far from the edges
+    prior[2, :, 50:64, 70:80] = rng.uniform(0.2, 1.0, (6, 14, 10))  # one at the slice's corner
+    prior[2, 4] = 0  # slice 4: the organ at the corner is gone
+    prior[1:, 5] = 0  # slice 5: background alone
+    prior[0] = 1.0 - prior[1:].sum(0) / 2
+    prior[1:] /= 2
+    prior[0, 4, 40:, 36:] = 0  # slice 4: background unsure away from the labels, so the whole slice is blurred
+    distance = np.array([0, 2, 4, 10, 7, 3])
+
+    whole = np.empty_like(prior)
+    for z, d in enumerate(distance):
+        sigma = min(3.0, 0.5 + 0.25 * d)
+        whole[:, z] = ndi.gaussian_filter(prior[:, z], (0, sigma, sigma))
+    whole /= np.maximum(whole.sum(0, keepdims=True), 1e-6)
+
+    np.testing.assert_allclose(soften(prior, distance), whole, atol=1e-6)
+    np.testing.assert_allclose(soften(torch.from_numpy(prior), distance).numpy(), whole, atol=1e-6)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")

@@ -122,11 +122,13 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
     # there, and on a CPU it is faster than scipy too (a warm 100x256x256 prompt 12.3-12.6 ->
     # 7.5-10.2 s, the preview at 300x512x512 1.1-1.3 -> 0.85-0.97 s); the results agree with
     # scipy's to float32 rounding (tests/test_prompt_on_device.py) and gave the same tables.
+    # The one step a CPU tensor hands to scipy is the blur (``soften``: torch's conv2d with one
+    # channel was 6x slower than scipy there, and scipy blurs only around the labels).
     hot, displacements = _on(onehot(classes, n_classes), device), _on(displacements, device)
     if head is not None:
         head = head.predict(features, on_device=True)
     check(cancel)
-    out, tracked = {}, None
+    out, softened = {}, None
     anchor = np.full(classes.shape, -1, dtype=np.int32)
     anchor[annotated] = classes[annotated]
     for variant in wanted:
@@ -138,12 +140,13 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
             prob = head
         else:
             w = float(variant.split(":")[1])
-            if tracked is None:
-                tracked = propagate(hot, annotated, displacements, head=head)
-            prior, distance = tracked
-            if window is not None and not _clear_of_edges(prior, guard):
-                return None
-            prob = combine(head, soften(prior, distance), w)
+            if softened is None:  # one prior for every weight
+                prior, distance = propagate(hot, annotated, displacements, head=head)
+                if window is not None and not _clear_of_edges(prior, guard):
+                    return None
+                softened = soften(prior, distance)
+                del prior
+            prob = combine(head, softened, w)
         labels = clean_up(_class_map(prob), compact, anchor)
         labels[annotated] = classes[annotated]  # what the user drew is kept as drawn
         out[variant] = labels

@@ -195,6 +195,8 @@ def _beyond(prior, start_prob, start, stop, direction, displacements, head, vani
             out[0] += out[1:][gone].sum(0)
             out[1:][gone] = 0
         prior[:, z] = out
+        if not alive.any():
+            break  # every label has ended: the slices beyond stay background, as ``prior`` starts
 
 
 def _kept(prob: np.ndarray, head: np.ndarray) -> np.ndarray:

@@ -150,16 +150,51 @@ def soften(prior, distance: Optional[np.ndarray] = None, base: float = 0.5, per_
 
     distance: ``(z,)`` slices to the nearest annotated slice (None: ``base`` everywhere). A mask
     carried over ten slices is only roughly where the organ is; its edge should not be trusted.
-    prior: a numpy array (scipy) or a torch tensor (blurred on its device, ``_soften_torch``).
+    prior: a numpy array or a torch tensor: in host memory blurred by scipy around the labels
+    (``_blur_around_labels``), on a GPU by torch (``_soften_torch``); the same numbers to float32
+    rounding either way.
     """
     dist = np.zeros(prior.shape[1]) if distance is None else np.asarray(distance, dtype=float)
     sigmas = [min(cap, base + per_slice * d) for d in dist]
     if not isinstance(prior, np.ndarray):
-        return _soften_torch(prior, sigmas)
+        if prior.device.type != "cpu":
+            return _soften_torch(prior, sigmas)
+        import torch
+
+        return torch.from_numpy(soften(prior.numpy(), distance, base, per_slice, cap))
     out = np.empty_like(prior)
     for z, sigma in enumerate(sigmas):
-        out[:, z] = ndi.gaussian_filter(prior[:, z], (0, sigma, sigma)) if sigma > 0 else prior[:, z]
+        out[:, z] = _blur_around_labels(prior[:, z], sigma) if sigma > 0 else prior[:, z]
     out /= np.maximum(out.sum(0, keepdims=True), 1e-6)
+    return out
+
+
+SURE = 1.0 - 1e-5  # background probability that counts as sure
+
+
+def _blur_around_labels(planes: np.ndarray, sigma: float) -> np.ndarray:
+    """``planes`` ``(K+1, y, x)`` blurred in-plane, computed only within the blur's reach of the labels.
+
+    Farther away the labels' blur is exactly 0, so once normalised the prior there is background
+    alone, as on the whole slice; an organ in a 256x256 CT slice is blurred in a crop a third of
+    its size (a warm 300-slice prompt spent a third of its time here). Where the background is
+    not sure (below ``SURE``) outside the labels' box, the whole slice is blurred: only where it
+    is 1 does blurring a crop with its edges reflected give the whole slice's numbers.
+    """
+    reach = int(4.0 * sigma + 0.5)  # scipy's default truncation at 4 sigma
+    labelled = (planes[1:] > 0).any(0)
+    rows, cols = np.flatnonzero(labelled.any(1)), np.flatnonzero(labelled.any(0))
+    if rows.size == 0:
+        return planes if planes[0].min() >= SURE else ndi.gaussian_filter(planes, (0, sigma, sigma))
+    y0, y1 = max(rows[0] - reach, 0), min(rows[-1] + 1 + reach, planes.shape[1])
+    x0, x1 = max(cols[0] - reach, 0), min(cols[-1] + 1 + reach, planes.shape[2])
+    background = planes[0].copy()
+    background[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1] = 1.0
+    if background.min() < SURE:
+        return ndi.gaussian_filter(planes, (0, sigma, sigma))
+    out = np.zeros_like(planes)
+    out[0] = 1.0
+    out[:, y0:y1, x0:x1] = ndi.gaussian_filter(planes[:, y0:y1, x0:x1], (0, sigma, sigma))
     return out
 
 
