@@ -24,7 +24,7 @@ Measures, one JSON line each (best of ``--repeat``; device and date in every lin
   device is charged for what the device did before).
 
 ``demons`` in each line says who computed the fields between slices: SimpleITK on a CPU, torch on
-a GPU (``tasks._demons``, the same fields); without SimpleITK installed the prompts run on torch
+a GPU (``tasks.prompting.demons``, the same fields); without SimpleITK installed the prompts run on torch
 and ``--no-baseline`` skips the one part that still needs it.
 
 Aims: embed <= 1 s and prompt <= 0.3 s for 300 slices on an H100; <= 100 ms per 256x256 slice
@@ -114,10 +114,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["MEDVISION_HOME"] = tempfile.mkdtemp(prefix="medvision-bench-")  # an empty cache
 
     from napari_medvision.engine.device import resolve_device
-    from napari_medvision.engine.embeddings import EmbeddingConfig, content_hash, flush_cache_writes, slice_features
+    from napari_medvision.engine.cache import content_hash, flush_cache_writes
+    from napari_medvision.engine.embeddings import EmbeddingConfig, slice_features
     from napari_medvision.models.dino import load_backbone
     from napari_medvision.synthetic import ct_abdomen
-    from napari_medvision.tasks.prompt import prompt
+    from napari_medvision.tasks.prompting import prompt
 
     device = resolve_device(args.device)
     sync = device.startswith("cuda")
@@ -130,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     painted[chosen] = (np.asarray(labels.data)[chosen] == liver).astype(np.uint8)
     annotations = labels.with_data(painted, labels={1: "liver"})
     backbone = load_backbone(args.model).to(device)
-    from napari_medvision.tasks._propagate import demons_backend
+    from napari_medvision.tasks.prompting.propagate import demons_backend
 
     common = {"device": device_name(device), "date": date.today().isoformat(), "volume": list(shape),
               "model": backbone.name, "short_side": EmbeddingConfig().short_side,
@@ -207,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.no_baseline:
         return 0
     try:
-        from napari_medvision.tasks.prompt_baselines import affine_registration
+        from napari_medvision.tasks.prompting.baselines import affine_registration
     except ImportError:
         return 0
     other, other_labels = ct_abdomen(seed=1, shape=shape)

@@ -27,7 +27,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 import napari_medvision as mv  # noqa: E402
-from napari_medvision.tasks.prompt_baselines import affine_registration, slice_copy  # noqa: E402
+from napari_medvision.tasks.prompting.baselines import affine_registration, slice_copy  # noqa: E402
 from napari_medvision.volume import Volume  # noqa: E402
 
 DATA = Path(os.environ.get("MEDVISION_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))

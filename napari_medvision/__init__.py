@@ -39,7 +39,7 @@ def __getattr__(name: str):
 
         return task_names
     if name == "prompt":
-        from .tasks.prompt import prompt
+        from .tasks.prompting import prompt
 
         return prompt
     if name == "finetune":

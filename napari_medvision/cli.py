@@ -205,7 +205,7 @@ def _finetune(args) -> int:
 def _prompt(args) -> int:
     from . import io
     from .engine.progress import terminal_progress
-    from .tasks.prompt import prompt
+    from .tasks.prompting import prompt
 
     volume = io.load(args.input)
     options = dict(model=args.model, device=args.device, progress=terminal_progress("prompt "))

@@ -10,8 +10,8 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from napari_medvision.tasks._demons import demons, itk_gaussian_kernel  # noqa: E402
-from napari_medvision.tasks._propagate import demons_backend, demons_key, slice_displacements  # noqa: E402
+from napari_medvision.tasks.prompting.demons import demons, itk_gaussian_kernel  # noqa: E402
+from napari_medvision.tasks.prompting.propagate import demons_backend, demons_key, slice_displacements  # noqa: E402
 
 DATA = Path(os.environ.get("MEDVISION_DATA", Path(__file__).resolve().parents[2] / "shared" / "data"))
 
@@ -89,7 +89,7 @@ def test_a_prompt_on_the_torch_path_gives_the_simpleitk_paths_masks(monkeypatch)
     # What a GPU machine runs (torch demons), here on the CPU: the same liver from two painted slices.
     pytest.importorskip("SimpleITK")
     import napari_medvision as mv
-    import napari_medvision.tasks._propagate as propagate
+    import napari_medvision.tasks.prompting.propagate as propagate
     from napari_medvision.synthetic import ct_abdomen
 
     image, labels = ct_abdomen(seed=2, shape=(12, 40, 48), spacing=(8.0, 6.0, 6.0))

@@ -7,8 +7,8 @@ import pytest
 import torch
 import zarr
 
-from napari_medvision.engine.embeddings import (EmbeddingConfig, cache_dir, content_hash, flush_cache_writes,
-                                               slice_features)
+from napari_medvision.engine.cache import cache_dir, content_hash, flush_cache_writes
+from napari_medvision.engine.embeddings import EmbeddingConfig, slice_features
 from napari_medvision.engine.progress import CancelToken, Cancelled
 from napari_medvision.models.dino import load_backbone
 from napari_medvision.volume import Volume

@@ -126,7 +126,7 @@ def test_cancel_adds_no_model_and_no_layer(make_napari_viewer, qtbot):
 
 def test_panel_trains_a_new_prompting_head_and_applies_it(make_napari_viewer, qtbot):
     """No model needed: the painted slices alone train a pixel classifier, listed and applied like any model."""
-    from napari_medvision.tasks.prompt_head import NEW_HEAD
+    from napari_medvision.tasks.prompting.head import NEW_HEAD
 
     viewer, corrected = viewer_with_corrections(make_napari_viewer)
     panel = FinetuneWidget(viewer)

@@ -9,7 +9,7 @@ import torch
 import napari_medvision as mv
 from napari_medvision.engine.progress import Cancelled, CancelToken
 from napari_medvision.synthetic import ct_abdomen
-from napari_medvision.tasks.prompt_baselines import affine_registration, slice_copy
+from napari_medvision.tasks.prompting.baselines import affine_registration, slice_copy
 
 torch.set_num_threads(1)
 
@@ -165,8 +165,8 @@ def test_an_example_of_another_modality_lends_its_layout_and_the_target_its_look
 
 
 def test_the_registrations_of_one_example_run_side_by_side_as_they_would_alone(phantom):
-    from napari_medvision.tasks._features import normalised
-    from napari_medvision.tasks._register import register_affine, register_affines
+    from napari_medvision.tasks.prompting.features import normalised
+    from napari_medvision.tasks.prompting.register import register_affine, register_affines
 
     image, _ = phantom
     example, _ = ct_abdomen(seed=2, shape=SHAPE, spacing=SPACING)
@@ -177,8 +177,8 @@ def test_the_registrations_of_one_example_run_side_by_side_as_they_would_alone(p
 
 
 def test_cancel_stops_the_registrations_within_a_few_iterations(phantom):
-    from napari_medvision.tasks._features import normalised
-    from napari_medvision.tasks._register import register_affines
+    from napari_medvision.tasks.prompting.features import normalised
+    from napari_medvision.tasks.prompting.register import register_affines
 
     class CancelledAfterThreeLooks(CancelToken):
         looks = 0
@@ -201,7 +201,7 @@ def test_cancel_stops_the_registrations_within_a_few_iterations(phantom):
 
 
 def test_registration_samples_a_fifth_of_a_small_scan_and_at_most_1e5_voxels_of_a_large_one():
-    from napari_medvision.tasks._register import MAX_SAMPLES, sampling_shares
+    from napari_medvision.tasks.prompting.register import MAX_SAMPLES, sampling_shares
 
     assert sampling_shares((30, 101, 122)) == [0.2, 0.2, 0.2]  # the real CT of docs/prompting.md
     shares = sampling_shares((300, 512, 512))  # coarse to fine: 1/4, 1/2, full resolution
@@ -209,7 +209,7 @@ def test_registration_samples_a_fifth_of_a_small_scan_and_at_most_1e5_voxels_of_
 
 
 def test_adapting_may_move_a_registered_label_but_not_discard_most_of_it():
-    from napari_medvision.tasks._prompt_runs import keep_registration_where_dropped
+    from napari_medvision.tasks.prompting.runs import keep_registration_where_dropped
 
     registered = np.zeros((1, 10, 10), np.int32)
     registered[0, 1:5, 1:5] = 1  # 16 pixels of label 1
@@ -326,7 +326,7 @@ def test_dino_features_join_the_head_when_a_backbone_is_named():
 
 
 def test_intensity_features_in_parallel_blocks_equal_one_pass():
-    from napari_medvision.tasks._features import _filter_responses, intensity_features
+    from napari_medvision.tasks.prompting.features import _filter_responses, intensity_features
 
     slices = np.random.default_rng(0).random((19, 40, 48, 3)).astype(np.float32)  # 3 blocks, colour
 
@@ -338,7 +338,7 @@ def test_intensity_features_in_parallel_blocks_equal_one_pass():
 
 
 def test_the_gpu_filters_equal_scipys_to_float32_rounding():
-    from napari_medvision.tasks._features import _filter_responses, _torch_filters
+    from napari_medvision.tasks.prompting.features import _filter_responses, _torch_filters
 
     rng = np.random.default_rng(0)
     for shape in ((5, 40, 48, 1), (3, 9, 7, 3)):  # the second narrower than the widest kernel (33 px)
@@ -348,7 +348,7 @@ def test_the_gpu_filters_equal_scipys_to_float32_rounding():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device on this machine")
 def test_intensity_features_on_a_gpu_equal_the_cpus():
-    from napari_medvision.tasks._features import intensity_features
+    from napari_medvision.tasks.prompting.features import intensity_features
 
     slices = np.random.default_rng(0).random((19, 40, 48, 3)).astype(np.float32)
     np.testing.assert_allclose(intensity_features(slices, device="cuda"), intensity_features(slices), atol=1e-5)

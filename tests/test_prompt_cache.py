@@ -8,10 +8,10 @@ import pytest
 import torch
 
 import napari_medvision as mv
-from napari_medvision.engine.embeddings import cache_dir
+from napari_medvision.engine.cache import cache_dir
 from napari_medvision.synthetic import ct_abdomen
-from napari_medvision.tasks._propagate import demons_key, slice_displacements
-from napari_medvision.tasks._prompt_cache import VolumeCache
+from napari_medvision.tasks.prompting.propagate import demons_key, slice_displacements
+from napari_medvision.tasks.prompting.volume_cache import VolumeCache
 
 torch.set_num_threads(1)
 
@@ -110,7 +110,7 @@ def test_a_preview_whose_fields_were_evicted_runs_the_full_prompt(phantom):
 
 
 def test_normalising_some_slices_equals_those_slices_of_the_whole_volume():
-    from napari_medvision.tasks._features import normalised
+    from napari_medvision.tasks.prompting.features import normalised
     from napari_medvision.volume import Volume
 
     rng = np.random.default_rng(0)
@@ -125,7 +125,7 @@ def test_normalising_some_slices_equals_those_slices_of_the_whole_volume():
 def test_hole_filling_on_the_bounding_box_matches_scipy_on_the_whole_slice():
     from scipy import ndimage as ndi
 
-    from napari_medvision.tasks._refine import _fill_holes_per_slice
+    from napari_medvision.tasks.prompting.refine import _fill_holes_per_slice
 
     rng = np.random.default_rng(0)
     masks = ndi.binary_opening(rng.random((40, 30, 40)) < rng.uniform(0.3, 0.8, (40, 1, 1)))
@@ -139,7 +139,7 @@ def test_the_cache_keeps_under_its_size_cap_dropping_the_least_recently_used(tmp
     import os
     import time
 
-    from napari_medvision.engine.embeddings import read_arrays, write_arrays
+    from napari_medvision.engine.cache import read_arrays, write_arrays
 
     monkeypatch.setenv("MEDVISION_CACHE_GB", "0.0025")  # 2.5 MB: room for two 1 MB entries
     block = {"a": np.random.default_rng(0).random((4, 256, 128))}  # 1 MB of float64
@@ -158,7 +158,7 @@ def test_the_cache_keeps_under_its_size_cap_dropping_the_least_recently_used(tmp
 
 
 def test_a_part_of_a_stack_is_read_and_verified_alone(tmp_path):
-    from napari_medvision.engine.embeddings import read_arrays, write_arrays
+    from napari_medvision.engine.cache import read_arrays, write_arrays
 
     fields = np.random.default_rng(1).random((6, 2, 8, 8)).astype(np.float32)
     expect = {"f": (fields.shape, "float32")}

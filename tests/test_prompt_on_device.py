@@ -14,9 +14,9 @@ import torch
 
 import napari_medvision as mv
 from napari_medvision.synthetic import ct_abdomen
-from napari_medvision.tasks import _prompt_runs as runs
-from napari_medvision.tasks._propagate import propagate, warp
-from napari_medvision.tasks._refine import _soften_torch, combine, soften
+from napari_medvision.tasks.prompting import runs
+from napari_medvision.tasks.prompting.propagate import propagate, warp
+from napari_medvision.tasks.prompting.refine import _soften_torch, combine, soften
 
 torch.set_num_threads(1)
 

@@ -3,7 +3,7 @@
 ``mv.prompt`` fits this head afresh on every prompt. Fine-tuning it on a user's corrections
 (``mv.finetune("prompt-head", ...)``) keeps it: the head then segments other scans of the same
 kind without a prompt (``mv.segment``), and can be fine-tuned again on later corrections. It
-reads only intensity features (``tasks._features.intensity_features``), which mean the same on
+reads only intensity features (``tasks.prompting.features.intensity_features``), which mean the same on
 every scan of a modality; DINO features are not used because their PCA basis is fitted per
 prompt and would not carry over to another scan.
 """
@@ -19,7 +19,7 @@ from .registry import register_architecture
 class AppearanceHeadNet(nn.Module):
     """``(N, n_features)`` pixel features -> ``(N, n_classes)`` logits; class 0 is background.
 
-    n_features: feature channels (``tasks._features.PER_CHANNEL`` per image channel).
+    n_features: feature channels (``tasks.prompting.features.PER_CHANNEL`` per image channel).
     n_classes: background plus one per label.
     hidden: width of the two hidden layers.
     The feature standardisation (mean, std of the first training set) is part of the weights,

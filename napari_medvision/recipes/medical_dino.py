@@ -469,7 +469,7 @@ def prompting_dice(backbone, image, labels: np.ndarray, counts=(1, 2, 3),
     matter most) and the whole method, slices spread evenly over the organs' extent.
     """
     from ..synthetic.ct import LABELS
-    from ..tasks.prompt import prompt
+    from ..tasks.prompting import prompt
 
     ids = [k for k, v in LABELS.items() if v in ORGANS]
     kept = np.where(np.isin(labels, ids), labels, 0).astype(np.uint8)

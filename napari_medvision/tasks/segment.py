@@ -39,7 +39,7 @@ def segment(
     device = resolve_device(device)
     network, card = load_model(card, device=device)
     if card.architecture.get("name") == "appearance-head":  # a prompting head: pixel features, slice by slice
-        from .prompt_head import segment_with_head
+        from .prompting.head import segment_with_head
 
         return segment_with_head(volume, network, card, device=device, progress=progress, cancel=cancel)
     return predict_labels(network, card, volume, device=device, overlap=overlap, batch_size=batch_size,

@@ -20,7 +20,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
 
 from ... import models
 from ...tasks.finetune import finetune
-from ...tasks.prompt_head import NEW_HEAD
+from ...tasks.prompting.head import NEW_HEAD
 from ...tasks.segment import segment
 from ..layers import label_names, volume_to_layer
 from ._layer_choice import chosen_layer, refill
@@ -178,7 +178,7 @@ class FinetuneWidget(QWidget):
         self.model_box.clear()
         for card in models.available(task="segmentation"):
             self.model_box.addItem(f"{card.id} ({card.source})", card.id)
-        # a prompting head learns from the corrections alone, in seconds (tasks.prompt_head)
+        # a prompting head learns from the corrections alone, in seconds (tasks.prompting.head)
         self.model_box.addItem("new prompting head (pixel classifier)", NEW_HEAD)
 
     def _track_labels(self, *_: Any) -> None:

@@ -31,7 +31,7 @@ from qtpy.QtWidgets import (
 )
 
 from ... import models
-from ...tasks.prompt import prompt
+from ...tasks.prompting import prompt
 from ..layers import layer_to_volume, volume_to_layer
 from ._layer_choice import refill
 from ._task_runner import TaskRunner

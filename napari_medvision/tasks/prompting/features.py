@@ -14,7 +14,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..volume import Volume
+from ...volume import Volume
 
 SMOOTH = (1.0, 2.0, 4.0)
 EDGES = (1.0, 2.0)
@@ -231,7 +231,7 @@ def dino_reduced(volume: Volume, backbone, device: Optional[str], progress=None,
     The PCA basis of the first image is passed on to the others (examples and target) so the
     head reads every image in the same coordinates.
     """
-    from ..engine.embeddings import slice_features
+    from ...engine.embeddings import slice_features
 
     feats = slice_features(volume, backbone, device=device, progress=progress, cancel=cancel)
     grid = feats.features.astype(np.float32)  # (n, C, h, w)
@@ -249,7 +249,7 @@ def dino_pixels(reduced: np.ndarray, image_shape: tuple[int, int], backbone) -> 
     """``(n, y, x, 16)`` float32: reduced patch features upsampled bilinearly to the slices' pixels."""
     import torch
 
-    from ..engine.embeddings import EmbeddingConfig, FeatureVolume, resized_shape
+    from ...engine.embeddings import EmbeddingConfig, FeatureVolume, resized_shape
 
     size = resized_shape(tuple(image_shape), EmbeddingConfig().short_side)
     small = FeatureVolume(reduced, tuple(image_shape), size, int(backbone.patch_size))
@@ -264,6 +264,6 @@ def load_backbone(model):
         return None
     if hasattr(model, "features") and hasattr(model, "patch_size"):
         return model
-    from ..models.dino import load_backbone as load
+    from ...models.dino import load_backbone as load
 
     return load(model)

@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..engine.progress import CancelToken, check
-from ._propagate import propagate
-from ._refine import AppearanceHead, clean_up, combine, soften
+from ...engine.progress import CancelToken, check
+from .propagate import propagate
+from .refine import AppearanceHead, clean_up, combine, soften
 
 WEIGHTS = (1.0, 2.0, 4.0)
 
@@ -71,7 +71,7 @@ def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: i
 
     import torch
 
-    from ._refine import MAX_SAMPLES
+    from .refine import MAX_SAMPLES
 
     digest = hashlib.blake2b(x.tobytes(), digest_size=16)
     digest.update(y.tobytes())
@@ -201,7 +201,7 @@ def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similar
     Dice 0.68 / 0.72 / 0.73 from 1 / 2 / 3), one head fitted on the pooled pixels did not
     (0.68 / 0.72 / 0.67), and each head is fitted once for all leave-one-out folds.
     """
-    from ._register import fuse
+    from .register import fuse
 
     check(cancel)
     prior = fuse(priors, similarities)

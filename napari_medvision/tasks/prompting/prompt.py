@@ -17,12 +17,12 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..engine.progress import CancelToken, ProgressFn, check, report
-from ..volume import Volume
-from . import _prompt_runs as runs
-from ._features import as_slices, intensity_features, load_backbone, normalised
-from ._prompt_cache import VolumeCache
-from ._refine import SOFTEN_REACH, compact_labels
+from ...engine.progress import CancelToken, ProgressFn, check, report
+from ...volume import Volume
+from . import runs
+from .features import as_slices, intensity_features, load_backbone, normalised
+from .volume_cache import VolumeCache
+from .refine import SOFTEN_REACH, compact_labels
 
 
 def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] = None,
@@ -57,7 +57,7 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     target's pixel-only results were read from the cache, e.g. ``["prompt-demons"]``); with one
     painted slice ``meta["head_agreement"]``, the check that chose between head and carried mask.
     """
-    from ..engine.device import resolve_device
+    from ...engine.device import resolve_device
 
     _check_image(volume, "the image to segment")
     if (examples is None) == (annotations is None):
@@ -376,7 +376,7 @@ def _register_example(target, target_grey, image, grey, classes, n_classes, targ
     """
     import SimpleITK as sitk
 
-    from ._register import (MAX_SAMPLES, REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc,
+    from .register import (MAX_SAMPLES, REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc,
                             register_affines, warp_to)
 
     shape = target_grey.shape
@@ -417,8 +417,8 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
     """
     from dataclasses import asdict
 
-    from ..engine.embeddings import EmbeddingConfig
-    from ._features import DINO_COMPONENTS, dino_pixels, dino_reduced, window_features
+    from ...engine.embeddings import EmbeddingConfig
+    from .features import DINO_COMPONENTS, dino_pixels, dino_reduced, window_features
 
     check(cancel)
     rows = slice(None) if only is None else np.asarray(sorted(only), dtype=int)
@@ -457,7 +457,7 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
 
 def _displacements(slices, store, progress, cancel, step, device):
     """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
-    from ._propagate import demons_backend, slice_displacements
+    from .propagate import demons_backend, slice_displacements
 
     backend = demons_backend(device)
     got = store.get(*_demons_entry(slices.shape[:3], backend),
@@ -472,7 +472,7 @@ class _NotCached(Exception):
 
 def _cached_displacements(shape, store, rows, device):
     """The ``rows`` of the cached demons fields of a volume of ``shape``; ``_NotCached`` when there are none."""
-    from ._propagate import demons_backend
+    from .propagate import demons_backend
 
     def missing():
         raise _NotCached()
@@ -483,7 +483,7 @@ def _cached_displacements(shape, store, rows, device):
 
 def _demons_entry(shape, backend) -> tuple:
     """``(kind, params, expect)`` of the demons fields of a volume of ``shape`` ``(z, y, x)`` in the cache."""
-    from ._propagate import demons_key
+    from .propagate import demons_key
 
     z, y, x = shape
     return "prompt-demons", demons_key(backend), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")}

@@ -10,7 +10,7 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..volume import Volume
+from ...volume import Volume
 
 
 def slice_copy(annotations: Volume, annotated_slices: Optional[Sequence[int]] = None) -> Volume:
@@ -35,8 +35,8 @@ def affine_registration(volume: Volume, image: Volume, mask: Volume) -> Volume:
     """
     import SimpleITK as sitk
 
-    from ._features import normalised
-    from ._register import register_affine, to_sitk
+    from .features import normalised
+    from .register import register_affine, to_sitk
 
     if mask.spatial_shape != image.spatial_shape:
         raise ValueError(f"example image shape {image.spatial_shape} and mask shape {mask.spatial_shape} differ")

@@ -19,9 +19,9 @@ from typing import Optional
 
 import numpy as np
 
-from ..engine.progress import check, report
-from ..models.card import ModelCard
-from ..volume import Volume
+from ...engine.progress import check, report
+from ...models.card import ModelCard
+from ...volume import Volume
 
 NEW_HEAD = "prompt-head"  # the model name that asks for a new head
 HIDDEN = 32
@@ -39,7 +39,7 @@ def is_head(model) -> bool:
 
 def pixel_features(volume: Volume, slices=None) -> np.ndarray:
     """``(n, y, x, F)`` prompt intensity features of ``slices`` (axis 0; all by default; a 2D image: one)."""
-    from ._features import as_slices, intensity_features, normalised
+    from .features import as_slices, intensity_features, normalised
 
     stack = as_slices(normalised(volume), volume.rgb)
     return intensity_features(stack if slices is None else stack[list(slices)])
@@ -57,10 +57,10 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     """
     import torch
 
-    from ..engine.device import resolve_device
-    from ..models.registry import load_model, save_model
-    from ._refine import balanced_sample, class_weights
-    from .finetune import check_corrections, destination, split_slices
+    from ...engine.device import resolve_device
+    from ...models.registry import load_model, save_model
+    from .refine import balanced_sample, class_weights
+    from ..corrections import check_corrections, destination, split_slices
 
     started = time.perf_counter()
     images, labels = list(images), list(labels)
@@ -136,7 +136,7 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
 def segment_with_head(volume: Volume, network, card: ModelCard, device: str = "cpu", progress=None,
                       cancel=None, batch: int = 8) -> Volume:
     """Labels Volume on ``volume``'s grid: the head's most likely class at every pixel, slice by slice."""
-    from ._refine import AppearanceHead, clean_up
+    from .refine import AppearanceHead, clean_up
 
     n = volume.spatial_shape[0] if volume.ndim == 3 else 1
     out = np.zeros((n,) + tuple(volume.spatial_shape[-2:]), dtype=np.uint8 if len(card.labels or {}) < 255
@@ -167,10 +167,10 @@ def _new_head_card(images, labels) -> ModelCard:
                 names.setdefault(k, f"label {k}")
     n_features = None
     if images:
-        from ._features import PER_CHANNEL
+        from .features import PER_CHANNEL
 
         n_features = PER_CHANNEL * (3 if images[0].rgb else 1)
-    from ._features import INTENSITY_VERSION
+    from .features import INTENSITY_VERSION
 
     modality = images[0].modality if images else "unknown"
     config = {"n_features": n_features, "n_classes": max(names, default=0) + 1, "hidden": HIDDEN}
@@ -209,7 +209,7 @@ def _corrected_pixels(image: Volume, label: Volume, picked, cancel) -> tuple[np.
 def _new_network(card: ModelCard, features: np.ndarray):
     import torch
 
-    from ..models.registry import build_model
+    from ...models.registry import build_model
 
     network = build_model(card.architecture)
     sample = features[:: max(1, len(features) // 200_000)].astype(np.float32)
@@ -220,8 +220,8 @@ def _new_network(card: ModelCard, features: np.ndarray):
 
 def _dice(network, val, card: ModelCard) -> float:
     """Mean Dice over the labels present in the held-out slices, pooled over them."""
-    from ..engine.training import dice_per_class
-    from ._refine import AppearanceHead
+    from ...engine.training import dice_per_class
+    from .refine import AppearanceHead
 
     head = AppearanceHead.from_stored(network)
     pred = np.concatenate([head.predict(feats).argmax(0).ravel() for feats, _ in val])

@@ -16,7 +16,7 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..engine.progress import CancelToken, ProgressFn, check, report
+from ...engine.progress import CancelToken, ProgressFn, check, report
 
 
 ITERATIONS, SMOOTHING = 25, 1.5
@@ -84,7 +84,7 @@ def _torch_displacements(image, iterations, smoothing, progress, cancel, step, d
     either path (Apple's MPS has no float64 and runs float32)."""
     import torch
 
-    from ._demons import demons
+    from .demons import demons
 
     dev = torch.device(device or "cpu")
     dtype = torch.float32 if dev.type == "mps" else torch.float64
@@ -201,7 +201,7 @@ def _beyond(prior, start_prob, start, stop, direction, displacements, head, vani
 
 def _kept(prob: np.ndarray, head: np.ndarray) -> np.ndarray:
     """``(K,)`` share of each label's carried area that survives the product with the head."""
-    from ._refine import combine
+    from .refine import combine
 
     posterior = combine(head, prob, weight=2.0)
     carried = prob[1:].reshape(prob.shape[0] - 1, -1).sum(1)

@@ -3,7 +3,7 @@
 Prompting a volume again (one more slice painted, another label) repeats work that depends on the
 pixels only: the demons fields between neighbouring slices and the PCA of the DINO features
 (the per-pixel filter responses are cheaper to recompute than to store). They are stored beside the DINO embeddings, in the same verified zarr
-format (``engine.embeddings.read_arrays``: marker written last, shapes, dtypes and a CRC32 of every
+format (``engine.cache.read_arrays``: marker written last, shapes, dtypes and a CRC32 of every
 byte checked; anything that does not match is deleted and recomputed, never trusted)::
 
     $MEDVISION_HOME/cache/embeddings/<key>.zarr
@@ -21,8 +21,8 @@ from typing import Callable, Optional
 
 import numpy as np
 
-from ..engine import embeddings
-from ..volume import Volume
+from ...engine import cache
+from ...volume import Volume
 
 Expect = dict[str, tuple[Optional[tuple[int, ...]], str]]
 
@@ -42,22 +42,22 @@ class VolumeCache:
         self._ranges: Optional[tuple] = None
 
     def content_hash(self) -> str:
-        """``embeddings.content_hash`` of every voxel of the volume (computed once)."""
+        """``cache.content_hash`` of every voxel of the volume (computed once)."""
         if self._hash is None:
-            self._hash = embeddings.content_hash(self.volume.data, bool(self.volume.rgb))
+            self._hash = cache.content_hash(self.volume.data, bool(self.volume.rgb))
         return self._hash
 
     def intensity_ranges(self):
         """``_features.intensity_ranges`` of the volume (computed once: a preview normalises a few
         slices of it several times)."""
-        from ._features import intensity_ranges
+        from .features import intensity_ranges
 
         if self._ranges is None:
             self._ranges = (intensity_ranges(self.volume),)
         return self._ranges[0]
 
     def key(self, kind: str, params: dict) -> str:
-        text = json.dumps([embeddings.CACHE_FORMAT, kind, self.content_hash(), self.volume.modality,
+        text = json.dumps([cache.CACHE_FORMAT, kind, self.content_hash(), self.volume.modality,
                            bool(self.volume.rgb), params], sort_keys=True, default=str)
         return hashlib.blake2b(text.encode(), digest_size=16).hexdigest()
 
@@ -73,13 +73,13 @@ class VolumeCache:
         if not self.enabled:
             return compute()
         key = self.key(kind, params)
-        path = embeddings.cache_dir() / f"{key}.zarr"
-        found = embeddings.read_arrays(path, key, expect, rows)
+        path = cache.cache_dir() / f"{key}.zarr"
+        found = cache.read_arrays(path, key, expect, rows)
         if found is not None:
             self.hits.append(kind)
             return found
         arrays = {n: np.asarray(a, dtype=expect[n][1]) for n, a in compute().items()}
-        embeddings.write_arrays(path, key, arrays)
+        cache.write_arrays(path, key, arrays)
         self.misses.append(kind)
         return arrays
 

@@ -19,8 +19,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
-from ..engine.progress import CancelToken, check
-from ..volume import Volume, to_itk_geometry
+from ...engine.progress import CancelToken, check
+from ...volume import Volume, to_itk_geometry
 
 REGISTRATIONS = 5  # affine registrations per example, averaged (see register_affines)
 

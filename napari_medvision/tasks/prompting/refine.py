@@ -111,7 +111,7 @@ class AppearanceHead:
 
 def _mlp(n_features: int, n_classes: int, hidden: int):
     """The head's layers: the same MLP a stored head (``models.appearance_head``) keeps."""
-    from ..models.appearance_head import AppearanceHeadNet
+    from ...models.appearance_head import AppearanceHeadNet
 
     return AppearanceHeadNet(n_features, n_classes, hidden).mlp
 
@@ -205,7 +205,7 @@ def _soften_torch(prior, sigmas: list[float]):
     """
     import torch
 
-    from ._features import _scipy_kernel, correlate_along
+    from .features import _scipy_kernel, correlate_along
 
     out = prior.clone()
     for sigma in sorted(set(sigmas)):
