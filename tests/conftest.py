@@ -34,7 +34,7 @@ def pytest_collection_finish(session):
     """Undo opencv-python's Qt plugin path (set when MONAI optionally imports cv2 during collection).
 
     With it, the first QApplication loads cv2's own Qt platform plugins and aborts; napari must
-    use PyQt5's. Inside napari the application exists before any plugin module is imported.
+    use the Qt binding's own. Inside napari the application exists before any plugin module is imported.
     """
     for key in ("QT_QPA_PLATFORM_PLUGIN_PATH", "QT_QPA_FONTDIR"):
         if "cv2" in os.environ.get(key, ""):

@@ -54,6 +54,17 @@ def layer_transform(vol: Volume) -> dict[str, np.ndarray]:
     return {"scale": scale, "translate": np.concatenate([np.zeros(lead), translate]), "affine": affine}
 
 
+def axis_names_and_units(vol: Volume) -> dict[str, tuple[str, ...]]:
+    """napari ``axis_labels`` (``t``, ``z``, ``y``, ``x``) and ``units`` (``mm`` on spatial axes).
+
+    The layer's scale is in millimetres, so the status bar and scale bar say so; a leading axis
+    (the time points of a series) counts steps and keeps napari's ``pixel``.
+    """
+    spatial = ("z", "y", "x")[3 - vol.ndim:] if vol.ndim <= 3 else tuple(f"axis {i}" for i in range(vol.ndim))
+    lead = ("t",) if vol.n_leading == 1 else tuple(f"t{i}" for i in range(vol.n_leading))
+    return {"axis_labels": lead + spatial, "units": ("pixel",) * vol.n_leading + ("mm",) * vol.ndim}
+
+
 def geometry_from_transform(
     n_spatial: int,
     scale: Any,
@@ -148,6 +159,7 @@ def volume_to_layer(vol: Volume, name: str | None = None, **overrides: Any) -> L
         "name": name or _default_name(vol),
         "metadata": {METADATA_KEY: meta},
         **layer_transform(shown),
+        **axis_names_and_units(shown),
     }
     if isinstance(data, list):
         kwargs["multiscale"] = True

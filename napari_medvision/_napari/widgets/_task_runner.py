@@ -59,12 +59,14 @@ class TaskRunner(QWidget):
         self._signal = _ProgressSignal()
         self._signal.changed.connect(self._show_progress)
         self._token: CancelToken | None = None
+        self._succeeded = False
         self.worker = None
         self.cancel_button.clicked.connect(self.cancel)
 
     def start(self, task: Callable[..., Any], on_done: Callable[[Any], None], /, **kwargs: Any) -> None:
         """Run ``task(**kwargs, progress=..., cancel=...)`` in a worker thread (kwargs may hold ``task=``)."""
         self._token = CancelToken()
+        self._succeeded = False
         self.run_button.setEnabled(False)
         self.cancel_button.setEnabled(True)
         self.status.setText("running…")
@@ -99,6 +101,7 @@ class TaskRunner(QWidget):
         try:
             said = on_done(result)  # a panel may return a line for the status (what the result means)
             self.status.setText(said if isinstance(said, str) else "done")
+            self._succeeded = True
         except Exception as exc:  # showing the result failed: say so, keep napari running
             show_problem(f"could not show the result: {exc}")
 
@@ -113,5 +116,5 @@ class TaskRunner(QWidget):
         self.run_button.setEnabled(True)
         self.cancel_button.setEnabled(False)
         self.bar.setRange(0, 1)
-        self.bar.setValue(1 if self.status.text() == "done" else 0)
+        self.bar.setValue(1 if self._succeeded else 0)
         self._token = None
