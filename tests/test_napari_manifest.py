@@ -143,3 +143,21 @@ def test_editable_install_lets_napari_find_manifest(tmp_path):
     location = Path(out.splitlines()[1])
     assert location.is_relative_to(src) or location.is_relative_to(Path(__file__).resolve().parents[1])
     assert "site-packages" not in location.parts
+
+
+def test_prefer_reader_names_medvision_for_medical_formats_in_napari_settings(tmp_path):
+    pytest.importorskip("napari")
+    import npe2
+    import yaml
+
+    config = tmp_path / "settings.yaml"  # napari reads and writes here, never the user's own settings
+    config.write_text("plugins:\n  extension2reader:\n    '*.csv': other-plugin\n")
+    env = {**os.environ, "NAPARI_CONFIG": str(config)}
+    run = subprocess.run([sys.executable, "-m", "napari_medvision.cli", "prefer-reader"], env=env,
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    chosen = yaml.safe_load(config.read_text())["plugins"]["extension2reader"]
+    assert chosen["*.nii.gz"] == "napari-medvision" and chosen["*.dcm"] == "napari-medvision"
+    assert chosen["*.csv"] == "other-plugin" and "*.png" not in chosen
+    manifest_patterns = set(npe2.PluginManifest.from_file(str(MANIFEST)).contributions.readers[0].filename_patterns)
+    assert set(chosen) - {"*.csv"} <= manifest_patterns
