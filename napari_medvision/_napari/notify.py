@@ -13,6 +13,32 @@ def show_problem(message: str) -> None:
         warnings.warn(message, stacklevel=2)
         return
     show_error(message)
+    _expand_toast_later(message)
+
+
+def _expand_toast_later(message: str) -> None:
+    """Open the error's toast to its whole text once napari has shown it.
+
+    napari's toast shows one elided line until the user clicks its chevron; our messages name the
+    file and the problem, and the problem is at the end. napari has no option for this, so the
+    toast napari made is found by its text and expanded (its own ``expand``).
+    """
+    try:
+        from napari._qt.dialogs.qt_notification import NapariQtNotification
+        from qtpy.QtCore import QTimer
+        from qtpy.QtWidgets import QApplication
+    except ImportError:
+        return
+    if QApplication.instance() is None:
+        return
+
+    def expand() -> None:
+        for widget in QApplication.allWidgets():
+            if isinstance(widget, NapariQtNotification) and widget.message.text() == message:
+                if not widget.property("expanded"):
+                    widget.expand()
+
+    QTimer.singleShot(50, expand)
 
 
 def qt_app_running() -> bool:
