@@ -49,7 +49,7 @@ def test_every_nifti_in_the_shared_data_reads(data_dir):
         vol = mv.load(path)
         img = nib.load(str(path))
         assert vol.data.shape == tuple(reversed([s for s in img.shape if s > 1][:3]))[-vol.data.ndim:]
-        if any(word in path.name for word in ("seg", "Segmentation", "subcortical", "SkullStrip")):
+        if any(word in path.name for word in ("seg", "Segmentation", "subcortical", "SkullStrip", "_labels")):
             assert vol.labels, f"{path.name} is a label map"
         else:
             assert vol.labels is None and vol.modality in ("CT", "MR"), path.name

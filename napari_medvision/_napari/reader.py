@@ -9,6 +9,7 @@ second error, "returned no data").
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
@@ -44,7 +45,9 @@ def _read_one(path: Path, **options: Any) -> list[LayerDataTuple]:
 
     try:
         volumes = load_all(path, **options)
-        return volume_to_layers(volumes, stem=layer_name(path))
+        layers = volume_to_layers(volumes, stem=layer_name(path))
+        _mark_pixel_spacing(path, volumes, layers)
+        return layers
     except MultipleSeriesError as exc:
         if "series" in options:  # asked once already: do not loop
             show_problem(_sentence(path, exc.problem))
@@ -63,6 +66,27 @@ def _read_one(path: Path, **options: Any) -> list[LayerDataTuple]:
         text = str(exc).strip().splitlines()
         show_problem(_sentence(path, f"could not be opened ({type(exc).__name__}: {text[0] if text else ''})"))
     return []
+
+
+def _mark_pixel_spacing(path: Path, volumes, layers: list[LayerDataTuple]) -> None:
+    """Tell the user when a file gave no pixel size: a warning notification, and
+    ``metadata["spacing_unit"] = "pixel"`` on each of its layers (measurements are then in pixels)."""
+    if not any(v.meta.get("spacing_unit") == "pixel" for v in volumes):
+        return
+    for layer in layers:
+        if len(layer) > 1 and isinstance(layer[1], dict):
+            layer[1].setdefault("metadata", {})["spacing_unit"] = "pixel"
+    show_notice(f"{Path(path).name}: the file gives no pixel size; distances and the voxel scale are in pixels, not mm")
+
+
+def show_notice(message: str) -> None:
+    """A warning notification in the viewer (a Python warning where napari is unavailable)."""
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:  # pragma: no cover - napari is always there when this module runs
+        warnings.warn(message, stacklevel=2)
+        return
+    show_warning(message)
 
 
 def ask_series(path: Path, choices: list[str]) -> int | None:
@@ -99,7 +123,8 @@ def _can_read(path: Path) -> bool:
     from ..io.formats import READERS, suffix_of
 
     if path.is_dir():
-        return _is_image_folder(path) or any(r.folders and _sniffs(r, path) for r in READERS)
+        return (_is_image_folder(path) or any(r.folders and _sniffs(r, path) for r in READERS)
+                or _holds_no_image(path))
     suffix = suffix_of(path)
     if suffix in GENERIC_SUFFIXES:  # many programs write these: only take the file if a reader knows it
         return any(suffix in r.suffixes and _sniffs(r, path) for r in READERS)
@@ -132,6 +157,27 @@ def _is_image_folder(path: Path) -> bool:
             if f.lower().endswith(".dcm") or _has_dicom_marker(Path(root) / f):
                 return True
     return False
+
+
+def _holds_no_image(path: Path) -> bool:
+    """An empty folder, or one whose first files (two levels down) have no image suffix at all.
+
+    medvision takes these so that the user gets its one-sentence error naming the folder, not
+    napari's generic refusal; a folder of pictures stays with the readers that stack them.
+    """
+    from ..io import readable_suffixes
+    from ..io.formats import suffix_of
+
+    image_suffixes = set(readable_suffixes())
+    seen = 0
+    for root, dirs, files in os.walk(path):
+        if len(Path(root).relative_to(path).parts) >= 2:
+            dirs[:] = []
+        for f in files:
+            seen += 1
+            if seen > FOLDER_PEEK or suffix_of(Path(f)) in image_suffixes:
+                return False
+    return True
 
 
 def _has_dicom_marker(file: Path) -> bool:

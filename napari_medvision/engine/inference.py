@@ -98,10 +98,9 @@ CHANNELS_LAST_3D_MAX_WIDTH = 64
 def prefers_channels_last_3d(network: torch.nn.Module) -> bool:
     """Whether a network's 3D convolutions run faster channels-last-3d on CUDA: narrow ones do.
 
-    Measured on an H100 (2026-11-24, ``bench/segment.py``, 300x512x512 at overlap 0.5): the
-    shipped CT model (widest 3D convolution 64 channels) took 0.019 s channels-last-3d against
-    0.027 s in the default layout; the ``base`` preset (256 channels) 0.472 s against 0.361 s.
-    Widths between were not measured and keep the default layout.
+    In ``bench/segment.py`` the shipped CT model (widest 3D convolution 64 channels) runs about
+    a third faster channels-last-3d, the ``base`` preset (256 channels) slower; widths between
+    are untested and keep the default layout (figures: docs/benchmarks.md).
     """
     widths = [p.shape[0] for p in network.parameters() if p.dim() == 5]
     return bool(widths) and max(widths) <= CHANNELS_LAST_3D_MAX_WIDTH
@@ -143,8 +142,18 @@ class SliceWise(torch.nn.Module):
 
 # --- sliding window -------------------------------------------------------------------------
 
+class ResultTooLarge(MemoryError):
+    """The blended result itself does not fit in host memory (smaller batches cannot help)."""
+
+
 def _is_oom(exc: BaseException) -> bool:
-    return isinstance(exc, torch.cuda.OutOfMemoryError)
+    """GPU memory exhausted, or host memory (MemoryError) on any device."""
+    return isinstance(exc, (torch.cuda.OutOfMemoryError, MemoryError))
+
+
+def _is_host_oom(exc: BaseException) -> bool:
+    """A failed host allocation: Python's MemoryError, or torch's CPU allocator error."""
+    return isinstance(exc, MemoryError) or "can't allocate memory" in str(exc)
 
 
 class _Blend:
@@ -165,10 +174,31 @@ class _Blend:
             self.weight = torch.zeros(tuple(spatial), dtype=torch.float32, device=self.device)
         except torch.cuda.OutOfMemoryError:
             self.device = torch.device("cpu")
-            self.sum = torch.zeros((n_classes, *spatial), dtype=dtype)
-            self.weight = torch.zeros(tuple(spatial), dtype=torch.float32)
+            self.sum = self.weight = None
+            self._cpu_buffers(n_classes, spatial, dtype, need)
+        except (MemoryError, RuntimeError) as exc:
+            self.sum = self.weight = None
+            if self.device.type != "cpu" or not _is_host_oom(exc):
+                raise
+            self._raise_too_large(n_classes, spatial, need, exc)
         if self.device.type == "cpu" and compute_device.type != "cpu":
             report(progress, 0, 1, f"blending on the CPU ({need / 2**30:.1f} GiB does not fit the GPU)")
+
+    @staticmethod
+    def _raise_too_large(n_classes, spatial, need: int, exc: BaseException):
+        raise ResultTooLarge(f"the {n_classes}-class result on a {'x'.join(map(str, spatial))} grid needs "
+                             f"{need / 2**30:.1f} GiB of memory, which is not free; crop the image or free "
+                             "memory and try again") from exc
+
+    def _cpu_buffers(self, n_classes, spatial, dtype, need: int) -> None:
+        try:
+            self.sum = torch.zeros((n_classes, *spatial), dtype=dtype)
+            self.weight = torch.zeros(tuple(spatial), dtype=torch.float32)
+        except (MemoryError, RuntimeError) as exc:
+            self.sum = self.weight = None
+            if not _is_host_oom(exc):
+                raise
+            self._raise_too_large(n_classes, spatial, need, exc)
 
     def to_cpu(self) -> None:
         self.sum, self.weight, self.device = self.sum.cpu(), self.weight.cpu(), torch.device("cpu")
@@ -270,13 +300,18 @@ def sliding_window(
                     weighted = (probs * weights).to(acc.device, out_dtype)
                     del tiles, probs
                 except Exception as exc:
-                    if not _is_oom(exc) or (batch_size == 1 and dev.type == "cpu"):
+                    if not _is_oom(exc) or isinstance(exc, ResultTooLarge):
                         raise
                     tiles = probs = None
-                    torch.cuda.empty_cache()
+                    if batch_size == 1 and dev.type == "cpu":
+                        raise MemoryError(f"out of memory on the CPU even for one {'x'.join(map(str, roi))} window at "
+                                          "a time; close other programs or crop the image and try again") from exc
+                    if dev.type == "cuda":
+                        torch.cuda.empty_cache()
                     if batch_size > 1:
                         batch_size //= 2
-                        message = f"GPU out of memory: batch size lowered to {batch_size}"
+                        where = "GPU" if dev.type != "cpu" else "CPU"
+                        message = f"{where} out of memory: batch size lowered to {batch_size}"
                     else:
                         # The network itself moves (a copy would need GPU memory first); it goes back
                         # to the GPU at the end.
@@ -312,12 +347,10 @@ def sliding_window(
 def default_batch_size(patch_size: Sequence[int], device: str) -> int:
     """Windows per call: about 8M voxels per batch on a GPU, 0.4M (and at least 2) on a CPU.
 
-    On an H100 (2026-11-23, ``bench/segment.py``, a 64x128x128 window) MONAI's loop ran fastest at
-    8 windows (0.357 s against 0.424 s at 4) on the same network; 8M voxels is that batch.
-    On the 2-core CPU (2026-11-23, the shipped CT model, 32x80x80 windows, one thread) both this
-    engine and MONAI's were fastest at 2 windows (6.95 / 6.79 s), slower at 4 (7.84 / 7.74 s) and
-    four times slower at 1 (28.6 / 26.4 s: oneDNN's 3D kernels for a batch of one).
-    Out-of-memory halves it (``sliding_window``).
+    On a GPU 8 windows of 64x128x128 (8M voxels) is the fastest batch in ``bench/segment.py``.
+    On a CPU 2 windows of the shipped CT model's 32x80x80 beat 4, and a batch of one is about
+    four times slower (oneDNN's 3D kernels for a batch of one). Out-of-memory halves it
+    (``sliding_window``).
     """
     voxels = int(np.prod(patch_size))
     if device.startswith("cuda"):

@@ -13,13 +13,14 @@ from pathlib import Path
 import numpy as np
 
 from ..volume import Volume
-from .errors import GeometryWarning, MultipleSeriesError, ReadError, WriteError
+from .errors import FolderTooLargeError, GeometryWarning, MultipleSeriesError, ReadError, WriteError
 from .formats import READERS, WRITERS, readers_for, sniffed_readers, suffix_of, writer_for
 
 # Importing the format modules registers their readers and writers.
 from . import nifti, itk, image2d, zarr_store  # noqa: E402,F401
 from . import dicom  # noqa: E402,F401
 from . import oct  # noqa: E402,F401
+from . import dicom_seg_write  # noqa: E402,F401  (label maps of DICOM scans -> .dcm DICOM SEG)
 
 __all__ = [
     "load",
@@ -28,6 +29,7 @@ __all__ = [
     "ReadError",
     "WriteError",
     "MultipleSeriesError",
+    "FolderTooLargeError",
     "GeometryWarning",
     "readable_suffixes",
     "writable_suffixes",
@@ -62,7 +64,7 @@ def load_all(path: str | os.PathLike, **options) -> list[Volume]:
     for reader in candidates:
         try:
             volumes = reader.read(path, **options)
-        except MultipleSeriesError:
+        except (MultipleSeriesError, FolderTooLargeError):
             raise
         except ReadError as exc:
             first_error = first_error or exc
@@ -70,7 +72,9 @@ def load_all(path: str | os.PathLike, **options) -> list[Volume]:
         except (MemoryError, KeyboardInterrupt):
             raise
         except Exception as exc:  # a library's own error: say which file and which reader
-            first_error = first_error or ReadError(path, f"could not be read as {reader.name}: {_reason(exc)}")
+            if first_error is None:
+                first_error = ReadError(path, f"could not be read as {reader.name}: {_reason(exc)}")
+                first_error.__cause__ = exc
             continue
         for vol in volumes:
             _check(path, vol)
@@ -81,7 +85,7 @@ def load_all(path: str | os.PathLike, **options) -> list[Volume]:
             if vol.labels is None and looks_like_label_map(vol):
                 vol.labels = {}
             if vol.labels == {}:
-                vol.labels = {int(v): f"label {int(v)}" for v in np.unique(np.asarray(vol.data)) if v != 0}
+                vol.labels = {v: f"label {v}" for v in values_present(np.asarray(vol.data)) if v != 0}
             if modality is None and vol.modality is None and vol.labels is None:
                 vol.modality = guess_modality(vol)
         return volumes
@@ -91,6 +95,9 @@ def load_all(path: str | os.PathLike, **options) -> list[Volume]:
             raise ReadError(path, f"is named {suffix_of(path)} but holds {actual[0].name} data; "
                                   f"rename it to {actual[0].suffixes[0]}") from first_error
     assert first_error is not None
+    if path.is_dir() and not suffix_of(path) and not sniffed_readers(path):
+        raise ReadError(path, "holds no image medvision reads: no DICOM files, zarr store or Heyex XML export "
+                              "(to open one file, choose the file itself)") from first_error
     raise first_error
 
 
@@ -135,6 +142,21 @@ def looks_like_label_map(vol: Volume) -> bool:
         return False
     values = np.unique(sample)
     return len(values) <= MAX_GUESSED_LABELS and values.max() < 1000 and not (len(values) > 16 and _is_dense(values))
+
+
+def values_present(data: np.ndarray) -> list[int]:
+    """The distinct values of an integer array, ascending; 8/16-bit arrays are counted (a
+    histogram in one pass) instead of sorted."""
+    if data.dtype.kind in "iu" and data.dtype.itemsize <= 2 and data.size:
+        flat = data.reshape(-1)
+        low = int(np.iinfo(data.dtype).min)
+        counts = np.zeros(1 << (8 * data.dtype.itemsize), np.int64)
+        step = 1 << 20  # bincount widens to int64: a million values at a time keeps that small
+        for start in range(0, flat.size, step):
+            part = flat[start:start + step]
+            counts += np.bincount(part.astype(np.int32) - low if low else part, minlength=counts.size)
+        return [int(v) + low for v in np.flatnonzero(counts)]
+    return [int(v) for v in np.unique(data)]
 
 
 def _is_dense(values: np.ndarray) -> bool:

@@ -20,9 +20,9 @@ import numpy as np
 
 from ..volume import Volume
 from .dicom_geometry import Grid, frame_planes, frame_rescale, in_plane_spacing, plane_of, slice_gap_fallback, stack
-from .dicom_pixels import output_dtype, read_multiframe, read_slices
-from .dicom_scan import (DicomFile, Series, choose_series, find_dicom_files, group_series, has_dicom_marker,
-                         read_header, read_headers)
+from .dicom_pixels import check_declared_size, output_dtype, read_multiframe, read_slices
+from .dicom_scan import (DicomFile, Series, choose_series, files_in, find_dicom_files, group_series,
+                         has_dicom_marker, read_header, read_headers)
 from .dicom_seg import seg_volume
 from .dicom_write import write_dicom_series
 from .errors import GeometryWarning, ReadError
@@ -39,12 +39,10 @@ def looks_like_dicom(path: Path, max_files: int = 200) -> bool:
     path = Path(path)
     if not path.is_dir():
         return has_dicom_marker(path)
-    for i, candidate in enumerate(p for p in path.rglob("*") if p.is_file()):
-        if i >= max_files:
-            return False
-        if has_dicom_marker(candidate):
-            return True
-    return False
+    try:
+        return any(has_dicom_marker(candidate) for candidate in files_in(path, max_files=max_files))
+    except ReadError:  # more files than looked at: not recognised from its first files
+        return False
 
 
 @register_reader("DICOM", (".dcm", ".dicom", ".ima"), sniff=looks_like_dicom, folders=True)
@@ -114,6 +112,7 @@ def _referenced_image(seg: Series, all_series: list[Series]) -> Series | None:
 
 def image_volume(series: Series, with_pixels: bool = True) -> Volume:
     """The Volume of one image series (``with_pixels=False``: the grid only, data not read)."""
+    check_declared_size(series.files, [frame_rescale(series.header)])
     if series.kind == "multiframe":
         f = series.files[0]
         header = f.header

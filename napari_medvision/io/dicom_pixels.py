@@ -9,13 +9,15 @@ pool overlaps disk reads and decoding (numpy and the decoders release the GIL).
 from __future__ import annotations
 
 import os
+import struct
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pydicom
 
-from .dicom_scan import DicomFile
+from .dicom_scan import CappedReader, DicomFile
 from .errors import ReadError
+from .limits import check_compressed, check_memory, check_raw
 
 
 def _workers(n: int) -> int:
@@ -55,6 +57,31 @@ def output_dtype(header, rescales: list[tuple[float, float]]) -> np.dtype:
     return np.dtype(np.float32)
 
 
+def check_declared_size(files: list[DicomFile], rescales: list[tuple[float, float]]) -> None:
+    """ReadError before any allocation when a file's header declares more pixels than the file
+    holds (raw data) or could expand to (compressed data), or the output cannot fit in memory."""
+    total = 0
+    for f in files:
+        h = f.header
+        rows, cols = int(h.get("Rows") or 0), int(h.get("Columns") or 0)
+        samples = int(h.get("SamplesPerPixel") or 1)
+        bits = int(h.get("BitsAllocated") or 16)
+        shape = (f.n_frames, rows, cols, samples)
+        itemsize = max(bits // 8, 1)
+        size = f.path.stat().st_size
+        what = f"{f.n_frames} frame(s) of {rows}x{cols}"
+        if f.pixel_offset is not None and bits in (8, 16, 32):
+            check_raw(f.path, what, shape, itemsize, max(size - f.pixel_offset, 0))
+        else:
+            check_compressed(f.path, what, shape, itemsize, size)
+        total += f.n_frames * rows * cols * samples
+    try:
+        itemsize = output_dtype(files[0].header, rescales).itemsize
+    except ValueError:  # an unusual bit depth: the decoder decides, assume the widest output
+        itemsize = 4
+    check_memory(files[0].path, f"the image ({len(files)} file(s))", total * itemsize)
+
+
 def _sign_extend(raw: np.ndarray, header) -> np.ndarray:
     """Signed values stored in fewer bits than allocated (e.g. 12 of 16) get their sign back."""
     bits = int(header.get("BitsStored") or 0)
@@ -86,12 +113,64 @@ def raw_frames(f: DicomFile, into: np.ndarray | None = None) -> np.ndarray:
             raise ReadError(f.path, f"is truncated: the pixel data stops after {got} of {out.nbytes} bytes")
         return _sign_extend(out, h)
     try:
-        ds = pydicom.dcmread(f.path)
+        with CappedReader(f.path) as fp:
+            ds = pydicom.dcmread(fp)
+        _check_codestreams(f, ds, rows, cols)
         array = ds.pixel_array
+    except ReadError:
+        raise
     except Exception as exc:  # decoder errors come in many types; name the file and the syntax
         syntax = getattr(getattr(getattr(f.header, "file_meta", None), "TransferSyntaxUID", None), "name", "?")
         raise ReadError(f.path, f"pixel data could not be decoded ({syntax}): {str(exc).splitlines()[0][:200]}") from exc
     return array[None] if n == 1 else array
+
+
+_J2K_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the image and tile size marker
+_JPEG_SOF = {0xC0, 0xC1, 0xC2, 0xC3, 0xC5, 0xC6, 0xC7, 0xC9, 0xCA, 0xCB, 0xCD, 0xCE, 0xCF, 0xF7}  # 0xF7: JPEG-LS
+
+
+def _check_codestreams(f: DicomFile, ds, rows: int, cols: int) -> None:
+    """ReadError when a compressed frame's own header (JPEG 2000 SIZ, JPEG/JPEG-LS SOF) declares
+    a larger image than Rows x Columns: the decoder would allocate that before failing."""
+    data = ds.get("PixelData")
+    name = str(getattr(getattr(getattr(ds, "file_meta", None), "TransferSyntaxUID", None), "name", ""))
+    if not isinstance(data, (bytes, bytearray)) or "JPEG" not in name:
+        return
+    if "2000" in name:
+        at = data.find(_J2K_SIZ)
+        while at != -1 and at + 24 <= len(data):
+            x, y, x0, y0 = struct.unpack_from(">4I", data, at + 8)
+            _refuse_larger(f, "JPEG 2000", max(x - x0, 0), max(y - y0, 0), rows, cols)
+            at = data.find(_J2K_SIZ, at + 4)
+        return
+    at = data.find(b"\xff\xd8\xff")  # each frame starts with SOI; its frame header follows the tables
+    while at != -1:
+        size = _jpeg_frame_size(data, at + 2)
+        if size is not None:
+            _refuse_larger(f, "JPEG", size[1], size[0], rows, cols)
+        at = data.find(b"\xff\xd8\xff", at + 2)
+
+
+def _jpeg_frame_size(data: bytes, at: int) -> tuple[int, int] | None:
+    """(height, width) from the first frame header after ``at`` (walking marker segments)."""
+    while at + 4 <= len(data) and data[at] == 0xFF:
+        marker = data[at + 1]
+        if marker in _JPEG_SOF:
+            return struct.unpack_from(">HH", data, at + 5) if at + 9 <= len(data) else None
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:  # markers without a length
+            at += 2
+            continue
+        if marker in (0xDA, 0xD9):  # scan data or end of image before any frame header
+            return None
+        (length,) = struct.unpack_from(">H", data, at + 2)
+        at += 2 + length
+    return None
+
+
+def _refuse_larger(f: DicomFile, codec: str, width: int, height: int, rows: int, cols: int) -> None:
+    if width * height > rows * cols:
+        raise ReadError(f.path, f"holds a {codec} frame of {width}x{height} pixels where the header says "
+                                f"{cols}x{rows}; the pixel data is damaged")
 
 
 def _apply(target: np.ndarray, slope: float, intercept: float) -> None:

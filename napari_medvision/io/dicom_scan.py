@@ -8,6 +8,7 @@ multi-frame copy with the slices it was made from; we keep them apart.
 
 from __future__ import annotations
 
+import io
 import os
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -19,7 +20,8 @@ import pydicom
 from pydicom.dataset import Dataset
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-from .errors import GeometryWarning, MultipleSeriesError, ReadError
+from .errors import FolderTooLargeError, GeometryWarning, MultipleSeriesError, ReadError
+from . import limits
 
 DICOMDIR_CLASS = "1.2.840.10008.1.3.10"
 SEG_CLASSES = ("1.2.840.10008.5.1.4.1.1.66.4", "1.2.840.10008.5.1.4.1.1.66.7")  # Segmentation, Label Map SEG
@@ -55,10 +57,29 @@ class DicomFile:
         return self.n_frames > 1 or "PerFrameFunctionalGroupsSequence" in self.header
 
 
+class CappedReader(io.BufferedReader):
+    """A binary file whose ``read(n)`` never asks for more than the bytes left in the file.
+
+    pydicom reads an element by its declared length; a damaged length (up to 4 GiB) would make
+    Python allocate that much before the read comes back short.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(io.FileIO(path, "r"))
+        self._size = os.fstat(self.fileno()).st_size
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is not None and size > 0:
+            size = max(min(size, self._size - self.tell()), 0)
+            if size == 0:
+                return b""
+        return super().read(size)
+
+
 def read_header(path: Path, force: bool = False) -> DicomFile:
     """The header of ``path`` (pixels skipped); ReadError when it is not a readable DICOM file."""
     try:
-        with open(path, "rb") as fp:
+        with CappedReader(path) as fp:
             header = pydicom.dcmread(fp, stop_before_pixels=True, force=force)
             offset, length = _locate_raw_pixels(fp, header)
     except (OSError, EOFError, ValueError, KeyError, TypeError, AttributeError, IndexError) as exc:
@@ -88,16 +109,42 @@ def _locate_raw_pixels(fp, header: Dataset) -> tuple[int | None, int | None]:
     return value_at, length
 
 
-def find_dicom_files(folder: Path) -> list[Path]:
-    """Every file under ``folder`` (recursively) that carries the DICOM marker, in path order."""
-    found = []
-    for root, dirs, names in os.walk(folder):
+def files_in(folder: Path, max_files: int | None = None):
+    """Files under ``folder`` in path order, recursively, never leaving it.
+
+    Symbolic links to folders are not entered, and links to files outside ``folder`` are skipped
+    (a link could otherwise point the reader at any file on the machine, or loop). More than
+    ``max_files`` files (default :data:`.limits.MAX_FOLDER_FILES`) give a ReadError: open the
+    series' own folder instead.
+    """
+    folder = Path(folder)
+    inside = folder.resolve()
+    max_files = limits.MAX_FOLDER_FILES if max_files is None else max_files
+    seen = 0
+    for root, dirs, names in os.walk(folder):  # os.walk does not follow linked folders
         dirs.sort()
         for name in sorted(names):
             path = Path(root) / name
-            if name.upper() != "DICOMDIR" and has_dicom_marker(path):
-                found.append(path)
-    return found
+            if path.is_symlink() and not _within(path, inside):
+                continue
+            seen += 1
+            if seen > max_files:
+                raise FolderTooLargeError(folder, f"holds more than {max_files} files; open the folder of one "
+                                                  "study or series instead (medvision stops searching there)")
+            yield path
+
+
+def _within(path: Path, folder: Path) -> bool:
+    try:
+        path.resolve().relative_to(folder)
+    except (ValueError, OSError, RuntimeError):  # outside, unreadable, or a link loop
+        return False
+    return True
+
+
+def find_dicom_files(folder: Path) -> list[Path]:
+    """Every file under ``folder`` (recursively, see :func:`files_in`) with the DICOM marker, in path order."""
+    return [p for p in files_in(folder) if p.name.upper() != "DICOMDIR" and has_dicom_marker(p)]
 
 
 def read_headers(paths: list[Path], skip_unreadable: bool) -> list[DicomFile]:

@@ -13,8 +13,9 @@ import warnings
 import numpy as np
 
 from ..volume import Volume
-from .dicom_scan import DicomFile
+from .dicom_scan import CappedReader, DicomFile
 from .errors import GeometryWarning, ReadError
+from .limits import check_compressed, check_memory, check_raw
 
 REVERSE = np.eye(3)[::-1]  # LPS (x, y, z) <-> Volume's reversed (z, y, x)
 
@@ -37,8 +38,10 @@ def read_seg(f: DicomFile):
     """The SEG in ``f`` as (highdicom Volume with one label per voxel, {number: label}, header)."""
     import highdicom as hd  # imported here: only SEG files need it
 
+    _check_declared_size(f)
     try:
-        seg = hd.seg.segread(f.path)
+        with CappedReader(f.path) as fp:
+            seg = hd.seg.segread(fp)
         labels = {int(s.SegmentNumber): str(s.get("SegmentLabel") or f"segment {int(s.SegmentNumber)}")
                   for s in seg.SegmentSequence}
         with warnings.catch_warnings():
@@ -50,6 +53,21 @@ def read_seg(f: DicomFile):
     # right-handed (x, y, z) frame; highdicom judges handedness in array order (z, y, x): "left".
     volume = volume.ensure_handedness("LEFT_HANDED", flip_axis=0)
     return volume, labels, seg
+
+
+def _check_declared_size(f: DicomFile) -> None:
+    """ReadError before highdicom allocates, when the frames the header declares (1 bit per pixel
+    for BINARY) do not fit the file, or their label map would not fit in memory."""
+    h = f.header
+    rows, cols, bits = int(h.get("Rows") or 0), int(h.get("Columns") or 0), int(h.get("BitsAllocated") or 1)
+    stored = -(-f.n_frames * rows * cols * bits // 8)
+    what = f"{f.n_frames} segmentation frame(s) of {rows}x{cols}"
+    size = f.path.stat().st_size
+    if f.pixel_offset is not None:
+        check_raw(f.path, what, (stored,), 1, max(size - f.pixel_offset, 0))
+    else:
+        check_compressed(f.path, what, (stored,), 1, size)
+    check_memory(f.path, what, 4 * f.n_frames * rows * cols)  # uint16 label map and a mask per segment
 
 
 def seg_volume(f: DicomFile, reference: Volume | None) -> Volume:

@@ -36,5 +36,9 @@ class MultipleSeriesError(ReadError):
         super().__init__(path, f"holds {len(self.choices)} image series, choose one with series=: {listing}")
 
 
+class FolderTooLargeError(ReadError):
+    """A folder holds more files than medvision searches (see ``io.limits.MAX_FOLDER_FILES``)."""
+
+
 class GeometryWarning(UserWarning):
     """The geometry read is usable but suspect (a missing slice, uneven spacing)."""

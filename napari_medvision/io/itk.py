@@ -13,6 +13,7 @@ import numpy as np
 
 from ..volume import Volume, from_itk_geometry, to_itk_geometry
 from .errors import ReadError
+from .limits import check_compressed, check_memory, check_raw, declared_bytes
 from .formats import register_reader, register_writer
 
 ITK_SUFFIXES = (".nrrd", ".nhdr", ".mha", ".mhd")
@@ -31,6 +32,7 @@ def read_itk(path: Path, **_) -> list[Volume]:
     import SimpleITK as sitk  # imported here: loading SimpleITK costs ~0.3 s that other formats need not pay
 
     try:
+        _check_declared_size(sitk, path)
         image = sitk.ReadImage(str(path))
     except RuntimeError as exc:
         raise ReadError(path, f"is not a readable NRRD/MetaImage file ({_itk_reason(exc)})") from exc
@@ -52,6 +54,82 @@ def read_itk(path: Path, **_) -> list[Volume]:
         labels = {int(k): str(v) for k, v in json.loads(meta.pop(LABELS_KEY)).items()}
     return [Volume(data=data, spacing=spacing, origin=origin, direction=direction, modality=modality,
                    rgb=rgb, labels=labels, meta=meta)]
+
+
+# Expansion allowed per NRRD encoding / MetaImage compression: raw data must be all there,
+# text needs at least two characters ("0 ") per value of up to 8 bytes, deflate at most 1032-fold.
+_EXPANSION = {"raw": 1.0, "text": 4.0, "txt": 4.0, "ascii": 4.0, "hex": 0.5}
+
+
+def _check_declared_size(sitk, path: Path) -> None:
+    """ReadError before SimpleITK allocates, when the header declares more voxels than its data
+    (raw, text or compressed) can hold, or than this process can take."""
+    info = sitk.ImageFileReader()
+    info.SetFileName(str(path))
+    info.ReadImageInformation()
+    shape = tuple(info.GetSize()) + (info.GetNumberOfComponents(),)
+    itemsize = sitk.Image([1] * info.GetDimension(), info.GetPixelID()).GetSizeOfPixelComponent() \
+        if info.GetPixelID() != sitk.sitkUnknown else 8
+    head = _header_text(path)
+    data_files = _data_files(path, head)
+    if data_files is None:  # a file list or pattern: SimpleITK checks each file
+        check_memory(path, "the image", declared_bytes(shape, itemsize))
+        return
+    stored = sum(f.stat().st_size for f in data_files if f.is_file())
+    encoding = _encoding(head)
+    if encoding in _EXPANSION:
+        header_bytes = len(head) if data_files == [path] else 0
+        check_raw(path, "the image", shape, itemsize, int(_EXPANSION[encoding] * max(stored - header_bytes, 0)))
+    else:
+        check_compressed(path, "the image", shape, itemsize, stored)
+    check_memory(path, "the image", declared_bytes(shape, itemsize))
+
+
+def _header_text(path: Path) -> str:
+    """The text header of an NRRD/MetaImage file (up to the blank line or the data element)."""
+    with open(path, "rb") as f:
+        head = f.read(65536)
+    for end in (b"\n\n", b"\r\n\r\n"):
+        if head.startswith(b"NRRD") and end in head:
+            head = head[: head.index(end) + len(end)]
+            break
+    else:
+        marker = head.find(b"ElementDataFile")
+        if marker >= 0:
+            line_end = head.find(b"\n", marker)
+            head = head[: line_end + 1 if line_end >= 0 else len(head)]
+    return head.decode("latin-1")
+
+
+def _fields(head: str) -> dict[str, str]:
+    """Lower-cased header fields: NRRD's ``key: value``, MetaImage's ``Key = Value``."""
+    sep = ":" if head.startswith("NRRD") else "="
+    fields = {}
+    for line in head.splitlines():
+        if ":=" in line:  # NRRD key/value metadata, not a field
+            continue
+        key, found, value = line.partition(sep)
+        if found:
+            fields[key.strip().lower()] = value.strip()
+    return fields
+
+
+def _encoding(head: str) -> str:
+    fields = _fields(head)
+    if "encoding" in fields:
+        return fields["encoding"].lower()
+    return "gzip" if fields.get("compresseddata", "").lower() == "true" else "raw"
+
+
+def _data_files(path: Path, head: str) -> list[Path] | None:
+    """The files holding the voxels: the file itself, the detached data file, or None for lists."""
+    fields = _fields(head)
+    name = fields.get("elementdatafile") or fields.get("data file") or fields.get("datafile")
+    if name is None or name.upper() == "LOCAL":
+        return [path]
+    if name.upper().startswith("LIST") or "%" in name or " " in name.strip():
+        return None
+    return [path.parent / name]
 
 
 @register_writer("NRRD/MetaImage", ITK_SUFFIXES)

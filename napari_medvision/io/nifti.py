@@ -17,6 +17,7 @@ import numpy as np
 
 from ..volume import Volume
 from .errors import ReadError
+from .limits import check_compressed, check_memory, check_raw, declared_bytes
 from .formats import register_reader, register_writer
 
 RAS_TO_LPS = np.diag([-1.0, -1.0, 1.0])
@@ -42,6 +43,8 @@ def _head(path: Path, n: int) -> bytes:
 def read_nifti(path: Path, **_) -> list[Volume]:
     try:
         header, array = _read_header_and_voxels(path)
+    except ReadError:
+        raise
     except (EOFError, OSError, zlib.error, ValueError) as exc:
         raise ReadError(path, f"is truncated or corrupt: the voxel data could not be read ({_short(exc)})") from exc
     except Exception as exc:
@@ -153,16 +156,16 @@ def _read_header_and_voxels(path: Path) -> tuple:
     if not isinstance(img, (nib.Nifti1Image, nib.Nifti2Image)):
         raise ValueError(f"it is a {type(img).__name__}, not NIfTI")
     header = img.header
-    # The loaded header copy has its scaling reset; the array proxy keeps the file's.
-    unscaled = float(img.dataobj.slope) == 1.0 and float(img.dataobj.inter) == 0.0
-    if not (unscaled and path.name.lower().endswith(".gz")):
-        return header, np.asanyarray(img.dataobj)
-    from isal import igzip
-
     shape = header.get_data_shape()
     dtype = header.get_data_dtype()
     offset = int(img.dataobj.offset)  # the loaded header copy reports 0 here
-    nbytes = int(np.prod(shape)) * dtype.itemsize
+    nbytes = _checked_size(path, shape, dtype, offset, float(img.dataobj.slope), float(img.dataobj.inter))
+    # The loaded header copy has its scaling reset; the array proxy keeps the file's.
+    unscaled = float(img.dataobj.slope) == 1.0 and float(img.dataobj.inter) == 0.0
+    if not (unscaled and _is_gzip(path)):
+        return header, np.asanyarray(img.dataobj)
+    from isal import igzip
+
     # One readinto over header and voxels into one buffer, then a view: no extra copy.
     raw = np.empty(offset + nbytes, dtype=np.uint8)
     with igzip.open(path, "rb") as stream:
@@ -178,6 +181,25 @@ def _read_header_and_voxels(path: Path) -> tuple:
         voxels = voxels.copy()
     array = voxels.view(dtype).reshape(shape, order="F")
     return header, array
+
+
+def _checked_size(path: Path, shape, dtype: np.dtype, offset: int, slope: float, inter: float) -> int:
+    """Voxel bytes the header declares, refused (ReadError) before any allocation when the file
+    cannot hold them or the process cannot take them; decompression then stops at that size."""
+    stored = path.stat().st_size
+    what = "the voxel data"
+    if _is_gzip(path):
+        nbytes = check_compressed(path, what, shape, dtype.itemsize, stored)
+    else:
+        nbytes = check_raw(path, what, shape, dtype.itemsize, max(stored - offset, 0))
+    scaled = 0 if (slope == 1.0 and inter == 0.0) else declared_bytes(shape, max(dtype.itemsize, 4))
+    check_memory(path, what, nbytes + scaled)
+    return nbytes
+
+
+def _is_gzip(path: Path) -> bool:
+    with open(path, "rb") as f:
+        return f.read(2) == b"\x1f\x8b"
 
 
 def _text(value) -> str:

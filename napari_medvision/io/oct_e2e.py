@@ -13,15 +13,14 @@ from __future__ import annotations
 
 import mmap
 import struct
-import warnings
 from pathlib import Path
 
 import numpy as np
 
 from ..volume import Volume
-from .errors import GeometryWarning, ReadError
+from .errors import ReadError
 from .formats import register_reader
-from .oct_heidelberg import heidelberg_display
+from .oct_heidelberg import heidelberg_display, spacing_or_pixels
 
 _MAGIC_FILE = b"CMDb"
 _MAGIC_CHUNK = b"MDbData\0"
@@ -63,11 +62,8 @@ def read_e2e(path: Path, raw: bool = False, **_options) -> list[Volume]:
     stored = np.stack([slices[s] for s in order])
     data = decode_ufloat16(stored)
     meta = {"e2e_series": series, "e2e_slices": order, "n_series": len(bscans)}
-    spacing = _spacing(metas.get(series, {}), order, data.shape[2])
-    if spacing is None:
-        warnings.warn(f"{path}: no B-scan geometry chunk (type 10004); spacing is given in pixels, not mm",
-                      GeometryWarning, stacklevel=2)
-        spacing, meta["spacing_unit"] = (1.0, 1.0, 1.0), "pixel"
+    spacing = spacing_or_pixels(path, _spacing(metas.get(series, {}), order, data.shape[2]) or (0.0,) * 3, meta,
+                                "no usable B-scan geometry chunk (type 10004)")
     return [Volume(data=data if raw else heidelberg_display(data), spacing=spacing, modality="OCT", meta=meta)]
 
 

@@ -13,16 +13,23 @@ from __future__ import annotations
 
 import struct
 import warnings
-import xml.etree.ElementTree as ET
 from pathlib import Path
+from typing import TYPE_CHECKING
 
+import defusedxml.ElementTree as ET
 import numpy as np
 import tifffile
+from defusedxml import DefusedXmlException
 
 from ..volume import Volume
 from .errors import GeometryWarning, ReadError
 from .formats import register_reader
+from .image2d import check_tiff_size, read_photo
+from .limits import check_memory, check_raw
 from .oct_layers import boundaries_volume
+
+if TYPE_CHECKING:
+    from xml.etree.ElementTree import Element  # the type defusedxml's parser returns
 
 # File header (HSF-OCT spec), little endian, 258 bytes used of 2048.
 _VOL_HEADER = struct.Struct("<12s3I3d2I2dId4sQiI16s16sI24sdI24sd4I34s")
@@ -53,6 +60,20 @@ def heidelberg_display(raw: np.ndarray) -> np.ndarray:
     return np.rint(np.clip(out, 0, 1) * 255).astype(np.uint8)
 
 
+PIXEL_SPACING_NOTE = "spacing is given in pixels, not mm"
+
+
+def spacing_or_pixels(path: Path, spacing, meta: dict, why: str) -> tuple[float, ...]:
+    """``spacing`` when every value is positive and finite; else 1 per axis, with
+    ``meta["spacing_unit"] = "pixel"`` and a GeometryWarning so the user is told, not only the log."""
+    values = tuple(float(v) for v in spacing)
+    if all(np.isfinite(v) and v > 0 for v in values):
+        return values
+    warnings.warn(f"{path}: {why}; {PIXEL_SPACING_NOTE}", GeometryWarning, stacklevel=3)
+    meta["spacing_unit"] = "pixel"
+    return (1.0,) * len(values)
+
+
 # --- .vol -----------------------------------------------------------------------------------
 def _is_vol(path: Path) -> bool:
     with open(path, "rb") as f:
@@ -78,6 +99,10 @@ def read_vol(path: Path, raw: bool = False, **_options) -> list[Volume]:
     slo_start = _VOL_HEADER_SIZE
     if slo_start + slo_w * slo_h > len(buf):
         raise ReadError(path, f"is truncated inside its {slo_w}x{slo_h} SLO image ({len(buf)} bytes)")
+    # Every B-scan stores its header and depth x width float32 pixels: check before allocating.
+    check_raw(path, "the B-scans", (n_bscans, depth * width * 4 + _BSCAN_HEADER.size), 1,
+              len(buf) - slo_start - slo_w * slo_h)
+    check_memory(path, "the B-scans", n_bscans * depth * width * (4 if raw else 5))
     slo = np.frombuffer(buf, np.uint8, slo_w * slo_h, slo_start).reshape(slo_h, slo_w).copy()
 
     # Each B-scan says how long its own header is; eyepy-written files leave the file header's
@@ -113,11 +138,14 @@ def read_vol(path: Path, raw: bool = False, **_options) -> list[Volume]:
         warnings.warn(f"{path}: a {pattern} scan; its B-scans are stacked but do not form a cube",
                       GeometryWarning, stacklevel=2)
     image = pixels if raw else heidelberg_display(pixels)
+    meta: dict = {}
+    spacing = spacing_or_pixels(path, (distance if distance > 0 else scale_x, scale_y, scale_x), meta,
+                                f"the header's scale ({scale_y} x {scale_x} mm) is not a pixel size")
     oct_volume = Volume(
         data=image,
-        spacing=(distance if distance > 0 else scale_x, scale_y, scale_x),
+        spacing=spacing,
         modality="OCT",
-        meta={
+        meta=meta | {
             "laterality": eye.split(b"\0")[0].decode("ascii", "replace"),
             "scan_pattern": pattern,
             "exam_id": exam_id.split(b"\0")[0].decode("ascii", "replace"),
@@ -156,10 +184,12 @@ def read_heyex_xml(path: Path, **_options) -> list[Volume]:
     xml_path = _heyex_xml_in(path)
     if xml_path is None:
         raise ReadError(path, "is not a Heidelberg Heyex XML export (no XML file starting with <HEDX>)")
-    try:
+    try:  # defusedxml: entity expansion ("billion laughs") and external entities are refused
         root = ET.parse(xml_path).getroot()
     except ET.ParseError as exc:
         raise ReadError(xml_path, f"is not valid XML ({exc})") from None
+    except DefusedXmlException as exc:
+        raise ReadError(xml_path, f"uses XML features refused for safety ({type(exc).__name__})") from None
 
     bscans, positions, seglines, slo, slo_spacing = [], [], [], None, None
     for image in root.iter("Image"):
@@ -192,11 +222,14 @@ def read_heyex_xml(path: Path, **_options) -> list[Volume]:
             boundaries.setdefault(name, np.full((n, width), np.nan, np.float32))[i] = values
 
     scale_y, scale_x = bscans[0][1], bscans[0][2]
+    meta: dict = {}
+    spacing = spacing_or_pixels(xml_path, (_bscan_distance(np.asarray(positions), fallback=scale_x), scale_y, scale_x),
+                                meta, f"the export gives no usable B-scan scale ({scale_y} x {scale_x} mm)")
     oct_volume = Volume(
         data=data,
-        spacing=(_bscan_distance(np.asarray(positions), fallback=scale_x), scale_y, scale_x),
+        spacing=spacing,
         modality="OCT",
-        meta={
+        meta=meta | {
             "laterality": root.findtext(".//Series/Laterality", ""),
             "scan_pattern": root.findtext(".//Series/Type", ""),
             "bscan_positions_mm": np.asarray(positions),
@@ -206,24 +239,33 @@ def read_heyex_xml(path: Path, **_options) -> list[Volume]:
     return _with_layers(oct_volume, boundaries)
 
 
-def _read_exported_image(xml_path: Path, image: ET.Element) -> np.ndarray:
+def _read_exported_image(xml_path: Path, image: Element) -> np.ndarray:
     url = image.findtext("ImageData/ExamURL", "")
     # Heyex writes the exporting PC's Windows path; the image lies beside the XML.
     name = url.replace("\\", "/").rsplit("/", 1)[-1]
     file = xml_path.parent / name
     if not name or not file.is_file():
         raise ReadError(xml_path, f"refers to the image {name or url!r}, which is not in {xml_path.parent}")
-    pixels = tifffile.imread(file) if file.suffix.lower() in (".tif", ".tiff") else _imread(file)
+    pixels = _read_tiff(file) if file.suffix.lower() in (".tif", ".tiff") else _imread(file)
     return pixels[..., 0] if pixels.ndim == 3 else pixels  # grey B-scans sometimes saved as RGB
 
 
+def _read_tiff(file: Path) -> np.ndarray:
+    try:
+        with tifffile.TiffFile(file) as tif:
+            check_tiff_size(file, tif)
+            return tif.asarray()
+    except (tifffile.TiffFileError, ValueError, OSError) as exc:
+        if isinstance(exc, ReadError):
+            raise
+        raise ReadError(file, f"is not a readable TIFF B-scan ({exc})") from None
+
+
 def _imread(file: Path) -> np.ndarray:
-    import imageio.v3 as iio
-
-    return np.asarray(iio.imread(file))
+    return read_photo(file)[0].data
 
 
-def _float(context: ET.Element | None, tag: str) -> float:
+def _float(context: Element | None, tag: str) -> float:
     text = None if context is None else context.findtext(tag)
     return float(text) if text else float("nan")
 

@@ -19,6 +19,7 @@ import numpy as np
 from ..volume import Volume
 from .errors import ReadError
 from .formats import register_reader
+from .limits import check_memory
 
 _FILE_HEADER = struct.Struct("<4s3sII")  # "FOCT", "FDA"/"FDS"/"FAA", major, minor version
 _SCAN_PARAM = {  # chunk name -> byte offset of (x mm, y mm, z um) float64 triple
@@ -71,6 +72,8 @@ def read_topcon(path: Path, **_options) -> list[Volume]:
     else:
         raise ReadError(path, "holds no OCT scan chunk (@IMG_JPEG, @IMG_SCAN_03 or @IMG_MOT_COMP_03)")
     n, depth, width = data.shape
+    if min(data.shape) == 0:
+        raise ReadError(path, f"holds an empty OCT scan ({n} B-scans of {depth}x{width} pixels)")
 
     param = next((p for p in _SCAN_PARAM if p in chunks), None)
     if param is None:
@@ -93,13 +96,22 @@ def _jpeg_bscans(path: Path, buf: bytes, chunk: tuple[int, int]) -> np.ndarray:
     start, size = chunk
     # scan_mode uint8, 2 x uint32, width, height, number of slices, uint32
     _mode, _a, _b, width, height, n, _c = struct.unpack_from("<B6I", buf, start)
+    check_memory(path, "the B-scans", 2 * width * height * min(n, size // 4))
     at, end, bscans = start + 25, start + size, []
+    if n == 0 or n > size // 4:  # every B-scan needs at least its 4-byte length
+        raise ReadError(path, f"declares {n} B-scans in a chunk of {size} bytes")
     for i in range(n):
         if at + 4 > end:
             raise ReadError(path, f"is truncated: B-scan {i + 1} of {n} is missing")
         (length,) = struct.unpack_from("<I", buf, at)
         try:
-            bscans.append(np.asarray(Image.open(io.BytesIO(buf[at + 4 : at + 4 + length]))))
+            image = Image.open(io.BytesIO(buf[at + 4 : at + 4 + length]))  # the header only
+            if image.size != (width, height):
+                raise ReadError(path, f"B-scan {i + 1} of {n} is {image.size[0]}x{image.size[1]} pixels, "
+                                      f"the header says {width}x{height}")
+            bscans.append(np.asarray(image))
+        except ReadError:
+            raise
         except Exception as exc:
             raise ReadError(path, f"B-scan {i + 1} of {n} is not a readable JPEG 2000 image ({exc})") from None
         at += 4 + length

@@ -7,6 +7,7 @@ attribute (other OME-Zarr readers still get scale and translation from the stand
 
 from __future__ import annotations
 
+import math
 import shutil
 import uuid
 from pathlib import Path
@@ -15,10 +16,12 @@ import numpy as np
 
 from ..volume import Volume
 from .errors import ReadError
+from .limits import check_memory, declared_bytes
 from .formats import register_reader, register_writer
 
 GEOMETRY_KEY = "medvision"
 ZARR_SUFFIXES = (".zarr",)
+MAX_CHUNKS = 1 << 22  # about 4 million chunks per array
 MIN_PYRAMID_SIDE = 512  # halve in-plane until the largest side is at most this
 
 
@@ -28,7 +31,6 @@ def _sniff(path: Path) -> bool:
 
 @register_reader("Zarr", ZARR_SUFFIXES, sniff=_sniff, folders=True)
 def read_zarr(path: Path, **_) -> list[Volume]:
-    import dask.array as da
     import zarr
 
     try:
@@ -36,7 +38,7 @@ def read_zarr(path: Path, **_) -> list[Volume]:
     except Exception as exc:
         raise ReadError(path, f"is not a readable zarr store ({exc})") from exc
     if isinstance(node, zarr.Array):
-        return [Volume(data=da.from_zarr(node), spacing=(1.0,) * min(node.ndim, 3), meta={"spacing_known": False})]
+        return [Volume(data=_lazy(path, node), spacing=(1.0,) * min(node.ndim, 3), meta={"spacing_known": False})]
     attrs = dict(node.attrs)
     ome = attrs.get("ome", attrs)  # NGFF 0.5 nests under "ome"
     multiscales = ome.get("multiscales")
@@ -45,7 +47,7 @@ def read_zarr(path: Path, **_) -> list[Volume]:
         if not arrays:
             raise ReadError(path, "is a zarr group with no arrays and no OME-Zarr multiscales metadata")
         arr = node[arrays[0]]
-        return [Volume(data=da.from_zarr(arr), spacing=(1.0,) * min(arr.ndim, 3), meta={"spacing_known": False})]
+        return [Volume(data=_lazy(path, arr), spacing=(1.0,) * min(arr.ndim, 3), meta={"spacing_known": False})]
     volumes = [_multiscale_volume(path, node, multiscales[0], attrs.get(GEOMETRY_KEY), ome)]
     if "labels" in node and isinstance(node["labels"], zarr.Group):
         labels_group = node["labels"]
@@ -62,10 +64,8 @@ def read_zarr(path: Path, **_) -> list[Volume]:
 
 
 def _multiscale_volume(path: Path, group, multiscale: dict, geometry: dict | None, ome: dict) -> Volume:
-    import dask.array as da
-
     datasets = multiscale["datasets"]
-    levels = [da.from_zarr(group[d["path"]]) for d in datasets]
+    levels = [_lazy(path, group[d["path"]]) for d in datasets]
     axes = multiscale.get("axes") or [{"name": n, "type": "space"} for n in "zyx"[-levels[0].ndim:]]
     axes = [{"name": a, "type": "space" if a in "zyx" else "other"} if isinstance(a, str) else a for a in axes]
     if geometry is not None:
@@ -94,6 +94,44 @@ def _multiscale_volume(path: Path, group, multiscale: dict, geometry: dict | Non
         vol.meta["multiscale"] = levels
     vol.meta["ngff_version"] = ome.get("version", multiscale.get("version"))
     return vol
+
+
+def _lazy(path: Path, array):
+    """A dask view of a zarr array whose damaged chunks raise ReadError when they are read.
+
+    ReadError at once when one chunk alone could not be decoded in memory (the array is read
+    chunk by chunk, so its full size may exceed memory) or the first chunk does not decode.
+    """
+    import dask.array as da
+
+    chunk = declared_bytes(array.chunks, array.dtype.itemsize)
+    check_memory(path, f"one chunk {tuple(array.chunks)} of {array.dtype}", 2 * chunk)
+    count = math.prod(-(-int(n) // max(int(c), 1)) for n, c in zip(array.shape, array.chunks))
+    if count > MAX_CHUNKS:  # dask lists every chunk: billions of them never finish building
+        raise ReadError(path, f"declares {count} chunks of {tuple(array.chunks)} for shape {tuple(array.shape)}; "
+                              f"medvision opens stores of up to {MAX_CHUNKS} chunks")
+    checked = _CheckedChunks(path, array)
+    checked[tuple(slice(0, c) for c in array.chunks)]
+    return da.from_array(checked, chunks=array.chunks, asarray=False, name=f"medvision-zarr-{uuid.uuid4().hex}")
+
+
+class _CheckedChunks:
+    """A zarr array whose read errors (a corrupt or missing-codec chunk) become ReadErrors naming the store."""
+
+    def __init__(self, path: Path, array):
+        self.path, self.array = path, array
+        self.shape, self.dtype, self.ndim = tuple(array.shape), array.dtype, array.ndim
+
+    def __getitem__(self, key):
+        try:
+            return np.asarray(self.array[key])
+        except Exception as exc:
+            raise ReadError(self.path, f"has a damaged chunk in array {self.array.path!r}: {_first_line(exc)}") from exc
+
+
+def _first_line(exc: Exception) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0][:200] if text else type(exc).__name__
 
 
 def _transforms(multiscale: dict, dataset: dict, n: int) -> tuple[list[float], list[float]]:

@@ -13,7 +13,6 @@ data never trained on: ``recipes.mvg_evaluation``.
 from __future__ import annotations
 
 import math
-import pickle
 import sys
 import time
 from pathlib import Path
@@ -114,21 +113,22 @@ def main(argv: list[str] | None = None) -> int:
 
     from ..models.card import ModelCard
     from ..models.registry import build_model
+    from .mvg_data import load_families, save_families
     from .mvg_evaluation import evaluate
 
     parser = recipe_arguments(__doc__.splitlines()[0], steps=20000, batch_size=16, preset="cpu")
-    parser.add_argument("--bank", type=Path, default=None, help="cache of the training bank (pickle)")
+    parser.add_argument("--bank", type=Path, default=None, help="cache of the training bank (.npz)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="save weights here every 500 steps")
     parser.add_argument("--init", type=Path, default=None, help="start from these weights (safetensors)")
     parser.add_argument("--pictures", type=Path, default=None, help="write evaluation pictures here")
     args = parser.parse_args(argv)
     device = prepare_run(args)
     if args.bank is not None and args.bank.exists():
-        families = pickle.loads(args.bank.read_bytes())
+        families = load_families(args.bank)
     else:
         families = build_families(args.seed)
         if args.bank is not None:
-            args.bank.write_bytes(pickle.dumps(families))
+            save_families(families, args.bank)
     from ..models.mvg import resolved_config
 
     architecture = {"name": "mvg", "config": resolved_config({"preset": args.preset})}
