@@ -61,7 +61,8 @@ def test_panel_lists_the_synthesis_models_and_every_named_task(make_napari_viewe
     synthesis_models = [card.id for card in mv.models.available(task="synthesis")]
     assert "tiny-mvg" in listed and sorted(listed) == sorted(synthesis_models)  # no segmentation models
     tasks = [panel.task_box.itemText(i) for i in range(panel.task_box.count())]
-    assert tasks[0] == EXAMPLES and {"t1-to-t2", "denoise-ct", INPAINT} <= set(tasks)
+    assert tasks[0] == EXAMPLES and {"t1-to-t2", "t1-to-flair", "denoise-ct", INPAINT} <= set(tasks)
+    assert "t1-to-pd (simulated)" in tasks  # no real PD image: the panel says so
     assert panel.image_box.currentText() == "t1"
     assert [panel.pair_rows[0].target_box.itemText(i) for i in range(3)] == ["t1", "t2", "tissues"]
     panel.add_pair()

@@ -2,8 +2,9 @@
 
 The prompt pair says what to do: ``examples=[(t1, t2)]`` turns the input into a T2-like image,
 ``[(low_dose, normal_dose)]`` denoises, ``[(ct, organ_labels)]`` segments. Named ``task=`` values
-bring their own simulated pair (``synthesis_tasks.TASKS``). 3D volumes run slice by slice, in
-batches, with a short filter along z so that slices do not flicker.
+bring their own simulated pair (``synthesis_tasks.TASKS``), except brain MR between T1, T2 and
+FLAIR, which runs a model fitted on real pairs (``tasks.mr_contrast``). 3D volumes run slice by
+slice, in batches, with a short filter along z so that slices do not flicker.
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import numpy as np
 from ..engine.progress import CancelToken, ProgressFn
 from ..models.card import ModelCard
 from ..volume import Volume
+from .mr_contrast import MODEL_TASK as MR_CONTRAST_TASK
+from .mr_contrast import synthesize_contrast
 
 DEFAULT_MODEL = "mvg-generalist"
 Example = tuple["Volume | np.ndarray", "Volume | np.ndarray"]
@@ -39,8 +42,9 @@ def synthesize(
 ) -> Volume:
     """A new Volume on ``volume``'s grid: an image, or a label map where the example targets are labels.
 
-    task: a named task (``mv.synthesis_tasks()``) whose prompt pair is simulated; ignored when
-        ``examples`` are given.
+    task: a named task (``mv.synthesis_tasks()``); ignored when ``examples`` are given. Brain MR
+        between T1, T2 and FLAIR runs the model fitted on real pairs (``meta["model"]`` names it;
+        ``model=`` then only matters for ``examples=``); PD tasks are simulated pairs for MVG.
     examples: prompt pairs ``(image, target)`` (Volumes or arrays, 2D or 3D); with several, the
         outputs are averaged (prompt ensembling). The query is brought to the example's pixel
         spacing (the example sets the task's scale) unless the pair is in one unit space
@@ -62,6 +66,11 @@ def synthesize(
         raise ValueError(f"{source}: synthesis takes a 2D image or a 3D volume, this one is "
                          f"{volume.ndim + volume.n_leading}D; pick one time point or channel first")
     card = get_card(model)
+    if card.task == MR_CONTRAST_TASK:
+        return synthesize_contrast(volume, card, progress, cancel)
+    fitted = _fitted_task_model(volume, task, examples, source)
+    if fitted is not None:
+        return synthesize_contrast(volume, get_card(fitted), progress, cancel)
     if card.task != "synthesis":
         raise ValueError(f"model {card.id} is a {card.task} model; synthesis needs an MVG model "
                          f"(e.g. {DEFAULT_MODEL})")
@@ -86,8 +95,8 @@ def _run(network, volume, pairs, hole, device, steps, overlap, batch_size, consi
     # anatomy of its size. Where it keeps them (denoising, inpainting) the operation is local and
     # the query keeps its own pixels: brought to a coarser example grid a small object loses the
     # detail to be kept, and a coarse scan brought to a finer one shows interpolated noise
-    # (measured on the held-out CT denoising: 0.5 mm phantom 40.2 -> 43.2 dB, 3 mm real CT
-    # 29.7 -> 30.3 dB; docs/synthesis.md).
+    # (on the held-out CT denoising, keeping the query's grid gains up to 3 dB;
+    # docs/evaluation/synthesis-mvg.md).
     same_units = target_scale.same_units_as(examples[0][3])
     outputs = []
     for k, (prompt_images, prompt_targets, image_spacing, _) in enumerate(examples):
@@ -132,7 +141,7 @@ def _calibrated_bounds(network, example, scale, device, overlap, batch_size, can
     """Unit-space bounds between the label levels (``np.searchsorted`` decodes), fitted on the prompt pair.
 
     The generator draws thin structures faintly and layers with shifted grey levels: DRIVE vessels
-    decoded at the midway level gave Dice 0.125 on five held-out photos. So up to four slices of
+    decoded at the midway level score a Dice near 0.1 on held-out photos. So up to four slices of
     the prompt image, mirrored left to right so that the pair cannot simply be copied back, are
     generated with the pair as prompt, and the decoding that scores the best mean Dice against the
     mirrored target is used: for one structure the level of ``LEVELS``; for several, the midway
@@ -246,6 +255,24 @@ def _hole_mask(mask, volume: Volume, source: str) -> np.ndarray | None:
     return _stack(data)
 
 
+def _fitted_task_model(volume: Volume, task, examples, source: str) -> str | None:
+    """The id of the model fitted on real pairs that runs named ``task``, or None (MVG runs it)."""
+    from .synthesis_tasks import TASKS
+
+    if examples or task not in TASKS or not TASKS[task].model:
+        return None
+    _check_task_modality(volume, task, source)
+    return TASKS[task].model
+
+
+def _check_task_modality(volume: Volume, task: str, source: str) -> None:
+    from .synthesis_tasks import TASKS
+
+    wanted = TASKS[task].modality
+    if wanted and volume.modality and volume.modality.upper() != wanted.upper():
+        raise ValueError(f"{source}: task {task!r} works on {wanted} images, this one is {volume.modality}")
+
+
 def _prompt_pairs(volume: Volume, task, examples, hole, seed: int, source: str) -> list[Example]:
     from .synthesis_tasks import TASKS
 
@@ -259,9 +286,7 @@ def _prompt_pairs(volume: Volume, task, examples, hole, seed: int, source: str) 
                          "or examples=[(image, target)]")
     if task not in TASKS:
         raise ValueError(f"unknown synthesis task {task!r}; known: {', '.join(sorted(TASKS))}")
-    wanted = TASKS[task].modality
-    if wanted and volume.modality and volume.modality.upper() != wanted.upper():
-        raise ValueError(f"{source}: task {task!r} works on {wanted} images, this one is {volume.modality}")
+    _check_task_modality(volume, task, source)
     if task == "inpaint":
         if hole is None:
             raise ValueError(f"{source}: inpainting needs mask= marking the region to fill")
