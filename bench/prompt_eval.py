@@ -7,6 +7,13 @@ Prints one JSON line per measurement and, with ``--table``, writes a markdown ta
 
     python bench/prompt_eval.py                         # all datasets, CPU, about 30 minutes
     python bench/prompt_eval.py --only ct_slices --table docs/prompt_table.md
+    python bench/prompt_eval.py --only fundus oct       # 2D examples against the shipped networks
+
+Fundus: the targets are DRIVE training photos 36-40, which neither the shipped
+``fundus-vessels-2d`` (trained on 21-33, checkpoint chosen on 34-35) nor the 2D prompting
+features (chosen on targets 21-35) saw; the examples are photos 31-33. OCT: the real B-scan
+``exampleOCTimage0001`` is the example for ``exampleOCTimage0002``, which ``oct-retinal-layers-2d``
+did not train on; the reverse direction has no network to compare with (it trained on 0001).
 
 Data: ``$MEDVISION_DATA`` or ``../shared/data`` (see tests/conftest.py).
 """
@@ -81,14 +88,31 @@ def brain():
     return image, Volume(labels, labels={1: "grey_matter", 2: "white_matter"}, **geometry)
 
 
-def drive(i: int):
-    """DRIVE photo ``i`` at half resolution, its manual vessels and field of view."""
+def drive_full(i: int):
+    """DRIVE photo ``i`` at full resolution (565 x 584), its manual vessels and field of view."""
     folder = DATA / "fundus_drive_train"
     image = mv.load(folder / f"images/{i}_training.tif")
-    vessels = np.asarray(mv.load(folder / f"1st_manual/{i}_manual1.gif").data)[::2, ::2] > 0
-    fov = np.asarray(mv.load(folder / f"mask/{i}_training_mask.gif").data)[::2, ::2] > 0
-    image = Volume(np.asarray(image.data)[::2, ::2], spacing=(2, 2), rgb=True, modality="fundus")
-    return image, Volume(vessels.astype(np.uint8), spacing=(2, 2), labels={1: "vessel"}), fov
+    vessels = np.asarray(mv.load(folder / f"1st_manual/{i}_manual1.gif").data) > 0
+    fov = np.asarray(mv.load(folder / f"mask/{i}_training_mask.gif").data) > 0
+    return image, Volume(vessels.astype(np.uint8), spacing=image.spacing, labels={1: "vessel"}), fov
+
+
+OCT_LAYERS = {1: "RNFL", 2: "GCL+IPL", 3: "INL", 4: "OPL", 5: "ONL+IS", 6: "OS+RPE"}
+
+
+def oct_bscan(name: str):
+    """A real B-scan (modality OCT), its six layers from the stored boundaries, and its columns with
+    every boundary defined (Dice is taken there, as in the model card)."""
+    from napari_medvision.recipes.oct_layers import BOUNDARIES, regions_from_boundaries
+
+    folder = DATA / "oct_bscans_layers"
+    image = mv.load(folder / name)
+    image = Volume(np.asarray(image.data), spacing=image.spacing, modality="OCT")
+    table = json.loads((folder / "boundaries_row_per_column.json").read_text())[name]
+    rows = {b: np.array([np.nan if v is None else v for v in table[b]], dtype=float) for b in BOUNDARIES}
+    valid = np.all([np.isfinite(r) for r in rows.values()], axis=0)
+    layers = regions_from_boundaries({b: np.nan_to_num(r, nan=-1) for b, r in rows.items()}, image.data.shape[0])
+    return image, Volume(layers.astype(np.uint8), spacing=image.spacing, labels=dict(OCT_LAYERS)), valid
 
 
 def phantom(seed: int):
@@ -160,6 +184,55 @@ def examples_experiment(rows, name, target, truth, examples, counts, fov=None, p
             emit(rows, **common, method=method, dice=float(np.mean(dice)), **extra)
 
 
+def fundus_experiment(rows, targets, example_ids, counts):
+    """Vessels of each target photo from the first ``n`` of ``example_ids``, against the shipped network."""
+    examples = [drive_full(i)[:2] for i in example_ids]
+    per_count = {n: [] for n in counts}
+    network = []
+    for target_id in targets:
+        target, truth, fov = drive_full(target_id)
+        name = f"fundus vessels, DRIVE {example_ids[0]}-{example_ids[-1]} -> {target_id} (full res.)"
+        for n in counts:
+            start = time.time()
+            result = mv.prompt(target, examples=examples[:n], device="cpu")
+            dice = mean_dice(result.data, truth.data, [1], fov)
+            per_count[n].append(dice)
+            expected = result.meta["expected_dice"].get("vessel")
+            emit(rows, dataset=name, prompts=f"{n} example{'s' * (n > 1)}", n=n, method="prompt", dice=dice,
+                 seconds=time.time() - start, choice=f"threshold {result.meta['threshold']}", expected=expected)
+        segmented = mv.segment(target, model="fundus-vessels-2d", device="cpu")
+        network.append(mean_dice(segmented.data, truth.data, [1], fov))
+        emit(rows, dataset=name, prompts="none", n=0, method="fundus-vessels-2d (network)", dice=network[-1])
+    name = f"fundus vessels, DRIVE {example_ids[0]}-{example_ids[-1]} -> mean of {targets[0]}-{targets[-1]} (full res.)"
+    for n in counts:
+        emit(rows, dataset=name, prompts=f"{n} example{'s' * (n > 1)}", n=n, method="prompt",
+             dice=float(np.mean(per_count[n])), per_target=[round(d, 3) for d in per_count[n]])
+    emit(rows, dataset=name, prompts="none", n=0, method="fundus-vessels-2d (network)", dice=float(np.mean(network)),
+         per_target=[round(d, 3) for d in network])
+
+
+def oct_experiment(rows, example_name, target_name, network=True):
+    """Layers of one real B-scan from the other, Dice per layer on the target's defined columns."""
+    example, example_layers, _ = oct_bscan(example_name)
+    target, truth, valid = oct_bscan(target_name)
+    name = f"OCT layers, real B-scan {example_name[-8:-4]} -> {target_name[-8:-4]}"
+
+    def per_layer(pred):
+        pred, ref = np.asarray(pred)[:, valid], np.asarray(truth.data)[:, valid]
+        return {layer: mean_dice(pred, ref, [k]) for k, layer in OCT_LAYERS.items()}
+
+    start = time.time()
+    result = mv.prompt(target, examples=[(example, example_layers)], device="cpu")
+    layers = per_layer(result.data)
+    emit(rows, dataset=name, prompts="1 example", n=1, method="prompt", dice=float(np.mean(list(layers.values()))),
+         seconds=time.time() - start, choice="layered" if result.meta["layered"] else "", layers=layers)
+    if network:
+        segmented = mv.segment(target, model="oct-retinal-layers-2d", device="cpu")
+        layers = per_layer(segmented.data)
+        emit(rows, dataset=name, prompts="none", n=0, method="oct-retinal-layers-2d (network)",
+             dice=float(np.mean(list(layers.values()))), layers=layers)
+
+
 def _renamed(result, truth):
     """``result`` with its label ids changed to ``truth``'s, matched by name."""
     by_name = {v: k for k, v in truth.labels.items()}
@@ -183,12 +256,11 @@ def main(argv=None) -> int:
         slices_experiment(rows, "MR organs, in-volume (real)", *organs("MR"), (1, 2, 3, 5))
     if run("brain_slices"):
         slices_experiment(rows, "brain GM/WM, in-volume (MNI152, 2 mm)", *brain(), (1, 2, 3, 5))
-    if run("fundus"):  # three target photos, each prompted with the next three
-        for first in (21, 25, 29):
-            target, truth, fov = drive(first)
-            examples = [drive(i)[:2] for i in range(first + 1, first + 4)]
-            examples_experiment(rows, f"fundus vessels, DRIVE {first + 1}-{first + 3} -> {first} (half res.)", target,
-                                truth, examples, (1, 2, 3), fov, parts=("appearance",))
+    if run("fundus"):  # photos neither the network nor the photo features were tuned on
+        fundus_experiment(rows, (36, 37, 38, 39, 40), (31, 32, 33), (1, 2, 3))
+    if run("oct"):
+        oct_experiment(rows, "exampleOCTimage0001.tif", "exampleOCTimage0002.tif")
+        oct_experiment(rows, "exampleOCTimage0002.tif", "exampleOCTimage0001.tif", network=False)
     if run("ct_mr_cross"):  # the two real labelled scans, each the example for the other
         (ct, ct_truth), (mr, mr_truth) = organs("CT"), organs("MR")
         examples_experiment(rows, "organs, real CT -> real MR", mr, mr_truth, [(ct, ct_truth)], (1,),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 import numpy as np
 import pytest
 import torch
@@ -81,7 +83,7 @@ def test_painting_one_more_slice_previews_only_the_slabs_it_changes(phantom):
 @pytest.mark.parametrize("margin, model", [(24, None), (8, None),  # 8: too tight at first, widened until it fits
                                            (24, "medical-dino-vitt8")])  # DINO features are cut to the window too
 def test_a_preview_of_an_organ_predicts_around_it_and_equals_the_whole_slice_answer(monkeypatch, margin, model):
-    from napari_medvision.tasks import prompt as prompt_module
+    prompt_module = importlib.import_module("napari_medvision.tasks.prompting.prompt")  # the package exports the function
 
     image, labels = ct_abdomen(seed=3, shape=(20, 128, 128), spacing=(6.0, 3.0, 3.0))
     truth = labels.with_data((np.asarray(labels.data) == LIVER).astype(np.uint8), labels={1: "liver"})
@@ -203,7 +205,7 @@ def test_cancel_stops_the_registrations_within_a_few_iterations(phantom):
 def test_registration_samples_a_fifth_of_a_small_scan_and_at_most_1e5_voxels_of_a_large_one():
     from napari_medvision.tasks.prompting.register import MAX_SAMPLES, sampling_shares
 
-    assert sampling_shares((30, 101, 122)) == [0.2, 0.2, 0.2]  # the real CT of docs/prompting.md
+    assert sampling_shares((30, 101, 122)) == [0.2, 0.2, 0.2]  # the real CT of docs/evaluation/prompting.md
     shares = sampling_shares((300, 512, 512))  # coarse to fine: 1/4, 1/2, full resolution
     assert shares[0] < 0.2 and shares[-1] * 300 * 512 * 512 == pytest.approx(MAX_SAMPLES)
 

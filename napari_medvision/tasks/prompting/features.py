@@ -81,9 +81,9 @@ def intensity_features(slices: np.ndarray, workers: Optional[int] = None, device
 
     workers: threads over blocks of slices (default: one per CPU core). Every filter works
     within a slice and scipy.ndimage releases the GIL, so blocks give the same numbers as one
-    pass: at 512x512 the filters of 25 slices took 3.1 s of a 9 s preview on one core. Blocks of
+    pass, and at 512x512 the filters are about a third of a preview's time on one core. Blocks of
     ``BLOCK`` slices written into one output also keep the peak memory near the output's own
-    size (one pass over 300x512x512 held every filter response twice: 6 GB).
+    size (one pass over 300x512x512 would hold every filter response twice: 6 GB).
     """
     import os
     from concurrent.futures import ThreadPoolExecutor
@@ -133,8 +133,8 @@ def window_features(slices: np.ndarray, window: tuple[int, int, int, int], devic
 def _filter_responses(slices: np.ndarray) -> np.ndarray:
     """``intensity_features`` of one block of slices, in this thread.
 
-    Kept float32: rounding to float16 (relative error 5e-4) moved the
-    real-CT "appearance alone" Dice from 0.788 to 0.749, so the head is not robust to it.
+    Kept float32: rounding to float16 (relative error 5e-4) costs the real-CT "appearance
+    alone" variant several points of Dice, so the head is not robust to it.
     """
     out = []
     for c in range(slices.shape[-1]):
@@ -159,7 +159,7 @@ def _torch_filters(slices: np.ndarray, device, block: int = 32) -> np.ndarray:
     (``mode="reflect"``, repeated for kernels wider than the slice) and its quirk that a
     gradient magnitude with sigma 0 along axis 0 counts the smoothed image itself as that axis's
     derivative. The kernels are scipy's own (its response to an impulse), so the responses
-    differ from scipy's by float32 rounding only; the GPU then spares the CPU 28 ms a slice.
+    differ from scipy's by float32 rounding only, and the GPU spares the CPU tens of ms a slice.
     """
     import torch
 

@@ -47,13 +47,16 @@ def pixel_features(volume: Volume, slices=None) -> np.ndarray:
 
 def finetune_head(model, images, labels, slices=None, steps: Optional[int] = None, device: Optional[str] = None,
                   progress=None, cancel=None, seed: int = 0, new_id: Optional[str] = None, folder=None,
-                  on_validation=None) -> ModelCard:
+                  on_validation=None, guard: bool = False) -> ModelCard:
     """The card of a head trained on the corrected slices (``mv.finetune`` with a head as ``model``).
 
     model: ``"prompt-head"`` for a new head (labels named by the label maps), or the card of a
         stored head, whose weights and feature standardisation are the starting point.
     The corrected slices are split as ``mv.finetune`` splits them; Dice on the held-out ones is
-    measured before (a stored parent only) and after, and recorded on the card.
+    measured before (a stored parent only) and after, and recorded on the card. ``on_validation``
+    gets the loss every 25 steps (and the held-out Dice where slices were held out), so a panel
+    plots a curve even with fewer than 3 corrected slices. ``guard`` (a stored parent): raise
+    ``FinetuneRefused`` instead of saving when the held-out Dice does not rise.
     """
     import torch
 
@@ -104,11 +107,19 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
             entry = {"step": step, "loss": round(float(loss.detach()), 5), "seconds": round(time.perf_counter() - started, 2)}
             if val:
                 entry["score"] = round(_dice(network, val, parent), 4)
-                if on_validation is not None:
-                    on_validation(dict(entry))
+                if before is not None:
+                    entry["parent_score"] = round(before, 4)
+            if on_validation is not None:
+                on_validation(dict(entry))
             history.append(entry)
             report(progress, step, steps, f"loss {entry['loss']:.3f}")
     after = _dice(network, val, parent) if val else None
+    if guard and before is not None and not after > before:
+        from ..finetune_tail import FinetuneRefused
+
+        raise FinetuneRefused(f"the fine-tuned head was not saved and {parent.id} stays: its Dice on the "
+                              f"held-out corrected slices went {before:.3f} -> {after:.3f}",
+                              {"figures": {"mean dice": {"parent": round(before, 4), "new": round(after, 4)}}})
 
     compact = sorted(set(parent.input.get("one_piece_labels", [])) | set(_one_piece_labels(images, labels, slices)))
     card = ModelCard(

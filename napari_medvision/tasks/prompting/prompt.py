@@ -136,8 +136,7 @@ def _from_annotations(volume, annotations, annotated_slices, wanted_labels, back
         report(progress, depth + i, total, f"checking: slice {hidden} hidden")
     # Appearance alone cannot tell the painted organ from a look-alike elsewhere in the body, so
     # it may win only when no painted label is an organ-like blob (grey / white matter, vessels:
-    # there every look-alike is the same tissue). MNI brain, 2 / 3 / 5 slices: 0.963 / 0.969 /
-    # 0.969 instead of combined:1's 0.951 / 0.962 / 0.963.
+    # there every look-alike is the same tissue; on the MNI brain it then edges out combined:1).
     allowed = [v for v in scores if v != "appearance" or not compact]
     agreement = None
     if variant is None and len(annotated) == 1:
@@ -160,10 +159,10 @@ def _head_agreement(features, displacements, classes, painted, n_classes, compac
     """Dice between the head alone and the carried mask on the ``NEAR`` slices each side of ``painted``.
 
     With one painted slice nothing can be held out, but next to it the carried mask is nearly
-    right (real CT / MR / MNI brain: Dice 0.95 / 0.85 / 0.88 within two slices), so a head that
-    disagrees with it there is not to be trusted further away. Agreement there was 0.87 (CT),
-    0.52 (MR) and 0.87 (brain); below ``TRUSTED_HEAD`` the carried mask alone is used (MR organs
-    from one slice: 0.756 instead of 0.548 for head times mask).
+    right (Dice 0.85-0.95 within two slices on real CT, MR and the MNI brain), so a head that
+    disagrees with it there is not to be trusted further away. Below ``TRUSTED_HEAD`` the carried
+    mask alone is used, which on MR organs from one slice beats head times mask clearly
+    (docs/evaluation/prompting.md).
     """
     depth = len(classes)
     region = (max(0, painted - NEAR), min(depth - 1, painted + NEAR))
@@ -227,8 +226,8 @@ def _preview(volume, previous, annotated, classes, ids, names, compact, backbone
     outermost) and is predicted exactly as the full prompt would, with the earlier choice and the
     head fitted on the earlier slices (read back from the cache, not refitted). Organs are
     predicted inside a window around them (``_preview_window``), wide enough that every filter,
-    warp and blur sees what it would on the whole slice: 300x512x512 CT, liver, 23 slices
-    redone: 6.7-7.9 s -> 1.1 s on the 2-core CPU, the same labels.
+    warp and blur sees what it would on the whole slice: redoing 23 slices of a liver in a
+    300x512x512 CT takes about 1 s on a 2-core CPU, with the same labels as a full prompt.
     """
     meta = previous.meta or {}
     old = [int(z) for z in meta.get("annotated_slices") or []]
@@ -297,6 +296,8 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
     for i, pair in enumerate(examples):
         _check_example(volume, pair, i)
     ids, names, example_classes = _example_table([m for _, m in examples], wanted_labels)
+    if volume.ndim == 2 and variant in (None, "appearance"):
+        return _from_photos(volume, examples, ids, names, example_classes, backbone, device, progress, cancel, store)
     n_classes = len(ids) + 1
     n = len(examples)
     n_folds = n if n >= 2 and variant is None else 0
@@ -364,6 +365,58 @@ def _from_examples(volume, examples, wanted_labels, backbone, device, progress, 
     cached = list(store.hits) + [kind for one in stores for kind in one.hits]
     return _result(volume, result.reshape(volume.spatial_shape), ids, names, scores, choice,
                    {"prompt": "examples", "n_examples": n, "cached": cached})
+
+
+def _from_photos(volume, examples, ids, names, example_classes, backbone, device, progress, cancel, store):
+    """2D target and examples (``photos``): one head per example on photo features, averaged; no
+    registration prior (vessels of two eyes do not correspond). With one label, the probability
+    threshold is chosen by leave-one-example-out on the examples."""
+    from . import photos
+
+    n_classes, n = len(ids) + 1, len(examples)
+    masks = [c.reshape(image.spatial_shape) for (image, _), c in zip(examples, example_classes)]
+    layered = volume.modality == "OCT" or all(photos.drawn_as_layers(m, n_classes) for m in masks)
+    total = 2 * n + 2 + (n if n >= 2 else 0)
+    report(progress, 0, total, "computing image features")
+    target_features, target_fov = photos.photo_features(volume, layered)
+    basis = None
+    if backbone is not None:
+        dino, basis = _dino_pixels(volume, backbone, device, cancel, store)
+        target_features = np.concatenate([target_features, dino], axis=-1)
+    prepared = []
+    for i, ((image, _), classes) in enumerate(zip(examples, masks)):
+        check(cancel)
+        features, fov = photos.photo_features(image, layered)
+        if backbone is not None:
+            features = np.concatenate([features, _dino_pixels(image, backbone, device, cancel, None, basis)[0]], -1)
+        prepared.append((features, classes, fov))
+        report(progress, 1 + i, total, "computing image features")
+    heads = []
+    for i, (features, classes, fov) in enumerate(prepared):
+        check(cancel)
+        heads.append(photos.fit_photo_head(features, classes, fov, n_classes, device))
+        report(progress, 1 + n + i, total, "fitting a head per example")
+    folds = photos.leave_one_out(prepared, heads, n_classes, cancel) if n >= 2 else {}
+    threshold = photos.best_threshold(folds) if folds else None
+    if threshold is None and n_classes == 2:
+        threshold = photos.DEFAULT_THRESHOLD
+    report(progress, total - 1, total, "segmenting")
+    classes = photos.label_map(photos.mean_probability(heads, target_features), target_fov, threshold)
+    report(progress, total, total, "done")
+    chosen = folds.get(threshold if n_classes == 2 else None, [])
+    meta = {"prompt": "examples", "n_examples": n, "cached": list(store.hits), "threshold": threshold,
+            "layered": layered, "leave_one_out_thresholds": {str(t): photos.pooled(f) for t, f in folds.items()}}
+    return _result(volume, classes, ids, names, {"appearance": chosen}, "appearance", meta)
+
+
+def _dino_pixels(volume, backbone, device, cancel, store, basis=None):
+    """``(DINO features (y, x, F), PCA basis)`` of a 2D image: ``_features``' DINO columns."""
+    from .features import PER_CHANNEL
+
+    store = store if store is not None else VolumeCache(volume, enabled=False)
+    _, features, basis = _features(volume, backbone, device, cancel, store, basis)
+    channels = 3 if volume.rgb else 1
+    return features[0, ..., PER_CHANNEL * channels:], basis
 
 
 def _register_example(target, target_grey, image, grey, classes, n_classes, target_store, example_store,

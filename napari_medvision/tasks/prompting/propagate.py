@@ -3,8 +3,8 @@
 Between two neighbouring slices an organ moves and changes shape a little; a demons registration
 (SimpleITK's fast symmetric forces; on a GPU the same algorithm in torch, ``_demons``) of slice z
 onto slice z+1 follows that, so a mask warped step
-by step stays on the organ far longer than a copied one (real CT liver, 14 slices away: Dice 0.87
-against 0.66 for a copy). Between two annotated slices the two propagations are blended with
+by step stays on the organ far longer than a copied one (on a real CT liver, 14 slices away,
+clearly better Dice than a copy). Between two annotated slices the two propagations are blended with
 weights falling linearly with distance; beyond the outermost annotated slice the mask is carried
 on, checked at each step by the appearance head, until the structure vanishes.
 """

@@ -5,8 +5,8 @@ Mattes mutual information, three resolutions; five sampling seeds, their warped 
 its mask's labels are resampled as soft probabilities. Several examples are fused voxel by
 voxel, each weighted by how well its warped image matches the target around that voxel (local
 normalised cross-correlation), so the example that fits the liver best decides the liver and
-another may decide the spleen. A B-spline stage was tried in the design probe (real CT liver:
-0.76 affine, 0.60 with B-spline) and is not used.
+another may decide the spleen. There is no B-spline stage: on a real CT liver it scores well
+below affine alone.
 """
 
 from __future__ import annotations
@@ -53,10 +53,10 @@ def register_affines(target: Volume, target_image: np.ndarray, example: Volume, 
                      count: int = REGISTRATIONS, cancel: Optional[CancelToken] = None) -> list:
     """``count`` affine registrations of one pair, each sampling the metric with another seed.
 
-    Why several: with 20 % of the voxels sampled, the seed alone moved one real MR onto a real CT
-    from Dice 0.28 to 0.42 (five seeds); the mean of their warped masks is steadier than any one
-    (0.39 there). They run side by side, one Python thread each (SimpleITK lets go of the GIL
-    while it registers), and each gives what it gives alone.
+    Why several: with 20 % of the voxels sampled, the seed alone moves a real MR onto a real CT
+    by more than 0.1 Dice; the mean of their warped masks is steadier than any one. They run
+    side by side, one Python thread each (SimpleITK lets go of the GIL while it registers), and
+    each gives what it gives alone.
     cancel: stops every registration at its next iteration and raises ``Cancelled``.
     """
     workers = max(1, min(count, os.cpu_count() or 1))
@@ -72,9 +72,9 @@ def _one_itk_thread():
     """SimpleITK with one ITK thread per filter for as long as the block runs.
 
     ITK's multi-threaded metric sums per-thread partial results in whatever order the threads
-    finish: the same call gave Dice 0.364-0.373 (real MR onto CT) from run to run on a busy
-    machine. One thread (set before anything is built: filters read the default when they are
-    made) makes it repeatable, which prompting needs (leave-one-out choices, cache=False giving
+    finish: on a busy machine the same call gives a slightly different Dice from run to run. One
+    thread (set before anything is built: filters read the default when they are made) makes it
+    repeatable, which prompting needs (leave-one-out choices, cache=False giving
     the cached result). One registration of a 150x256x256 CT takes ~45 s on one core
     (docs/benchmarks.md); ``register_affines`` runs several at once instead.
     """
@@ -124,7 +124,7 @@ def sampling_shares(shape: tuple[int, ...], shrinks=SHRINKS) -> list[float]:
 
     A fifth of them, but at most ``MAX_SAMPLES``: mutual information over 32 bins is as well
     estimated from 1e5 samples as from 1e7, and a fifth of a 150x256x256 CT made one
-    registration take minutes. Every scan of docs/prompting.md has fewer than 5e5 voxels, so
+    registration take minutes. Every scan of docs/evaluation/prompting.md has fewer than 5e5 voxels, so
     their registrations are those of a plain fifth, sample for sample (the same transforms as
     ``SetMetricSamplingPercentage(0.2)``, checked on the real CT and MR).
     """
@@ -175,11 +175,10 @@ def local_ncc(a: np.ndarray, b: np.ndarray, sigma: float = 3.0) -> np.ndarray:
 
 # How strongly the local similarity picks between examples. Set by leave-one-out among example
 # scans, not on a target's labels: with each of four CT phantoms predicted from two others (every
-# choice of three; mean Dice over the four choices), 5 was level with or above 10 in every choice:
-# prior alone 0.656 against 0.654, head times prior 0.747 against 0.743 (weight 1) and 0.725
-# against 0.718 (weight 2), while plain averaging (0) lost (0.622 / 0.740 / 0.721) and 20 did not
-# gain. Local correlation of intensities says less across scanners than between phantoms of one
-# generator, so the softer of the two is also the safer side.
+# choice of three; mean Dice over the four choices), 5 is level with or above 10 for every
+# variant, plain averaging (0) loses and 20 does not gain. Local correlation of intensities says
+# less across scanners than between phantoms of one generator, so the softer of the two is also
+# the safer side.
 FUSION_SHARPNESS = 5.0
 
 

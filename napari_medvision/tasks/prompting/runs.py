@@ -119,11 +119,10 @@ def from_annotations(features: np.ndarray, displacements: np.ndarray, classes: n
         displacements = displacements[:, :, y0:y1, x0:x1]
     annotated = [a - lo for a in annotated if lo <= a <= hi]
     # The prior is carried, blurred and multiplied in torch on ``device``: on a GPU it stays
-    # there, and on a CPU it is faster than scipy too (a warm 100x256x256 prompt 12.3-12.6 ->
-    # 7.5-10.2 s, the preview at 300x512x512 1.1-1.3 -> 0.85-0.97 s); the results agree with
-    # scipy's to float32 rounding (tests/test_prompt_on_device.py) and gave the same tables.
-    # The one step a CPU tensor hands to scipy is the blur (``soften``: torch's conv2d with one
-    # channel was 6x slower than scipy there, and scipy blurs only around the labels).
+    # there, and on a CPU it is faster than scipy too; the results agree with scipy's to float32
+    # rounding (tests/test_prompt_on_device.py). The one step a CPU tensor hands to scipy is the
+    # blur (``soften``: on a CPU torch's one-channel conv2d is several times slower than scipy,
+    # and scipy blurs only around the labels).
     hot, displacements = _on(onehot(classes, n_classes), device), _on(displacements, device)
     if head is not None:
         head = head.predict(features, on_device=True)
@@ -169,8 +168,8 @@ def _class_map(prob) -> np.ndarray:
         return np.argmax(prob, axis=0).astype(np.int32)
     import torch
 
-    # A pass per class, not torch's argmax along the outer axis, which on a CPU took 4.1 s of a
-    # 12.5 s prompt (100x256x256); ties go to the lower class, as argmax gives them.
+    # A pass per class, not torch's argmax along the outer axis, which on a CPU is a large share
+    # of a whole prompt's time; ties go to the lower class, as argmax gives them.
     best, classes = prob[0], torch.zeros(prob.shape[1:], dtype=torch.int32, device=prob.device)
     for k in range(1, prob.shape[0]):
         higher = prob[k] > best
@@ -197,9 +196,8 @@ def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similar
 
     example_heads: a callable giving one ``AppearanceHead`` per example (``fit_head`` on that
     example alone), called only when a variant needs the heads. Their probabilities
-    are averaged: on DRIVE (3 targets) one head per photo rose with more examples (mean vessel
-    Dice 0.68 / 0.72 / 0.73 from 1 / 2 / 3), one head fitted on the pooled pixels did not
-    (0.68 / 0.72 / 0.67), and each head is fitted once for all leave-one-out folds.
+    are averaged: on DRIVE one head per photo keeps gaining with more examples where one head
+    fitted on the pooled pixels does not, and each head is fitted once for all leave-one-out folds.
     """
     from .register import fuse
 
@@ -235,14 +233,12 @@ def keep_registration_where_dropped(adapted: np.ndarray, registered: np.ndarray,
 
     Adapting may move a label's edge, not discard much of it: when the target head drops more
     than 30 % of where the registration put a label, the registration put it on the wrong tissue
-    and the head learnt that (a small kidney registered half onto fat: Dice 0.21 -> 0.02), or
-    the label's tissue looks like its surroundings. Over the seven one-example pairs of
-    docs/prompting.md, the labels that lost more than 0.03 Dice by adapting had kept 0.18-0.78 of
-    their area (four of six below 0.7), those that gained more than 0.03, 0.70 or more. The
-    threshold was set on those pairs (no other labelled cross-scan data is at hand): 0.5 / 0.6 /
-    0.7 / 0.8 / 0.9 gave a mean Dice of 0.376 / 0.379 / 0.379 / 0.380 / 0.379; from 0.7 on every
-    pair is above its affine baseline, and 0.7 costs least where adapting works (CT onto MR 0.612,
-    0.596 at 0.8).
+    and the head learnt that (e.g. a small kidney registered half onto fat), or the label's
+    tissue looks like its surroundings. On the seven one-example pairs of
+    docs/evaluation/prompting.md the labels that adapting hurt had mostly kept under 0.7 of their
+    area, those it helped 0.7 or more. The threshold is set on those pairs (no other labelled
+    cross-scan data is at hand): from 0.7 on every pair is above its affine baseline, and 0.7
+    costs least where adapting works.
     """
     out = adapted.copy()
     for k in range(1, n_classes):
@@ -261,11 +257,10 @@ def adapted_head(target_features: np.ndarray, prior: np.ndarray, n_classes: int,
     """Probabilities of a head fitted on the target's pixels labelled by the registered ``prior``.
 
     Only pixels where the blurred prior is sure (``SURE``) teach it: the registration is roughly
-    right inside each organ and wrong near its edges. A labelled real CT as the example for a real
-    MR of another person: Dice 0.609 against 0.563 for affine registration, where the CT-fitted
-    head finds nothing (0.000). The other way, MR onto CT, 0.384 against 0.372 (only with
-    ``keep_registration_where_dropped``: CT organs share intensities, so the target head learns
-    some of the registration's errors).
+    right inside each organ and wrong near its edges. With a labelled real CT as the example for
+    a real MR of another person it beats affine registration, where the CT-fitted head finds
+    nothing; MR onto CT it gains a little only with ``keep_registration_where_dropped`` (CT
+    organs share intensities, so the target head learns some of the registration's errors).
     """
     sure = soften(prior, base=1.0)
     pseudo = np.argmax(sure, axis=0)
