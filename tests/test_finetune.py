@@ -65,7 +65,7 @@ def test_finetune_saves_a_new_model_apart_with_its_card(tmp_path, monkeypatch):
     parent_bytes = parent.weights_path.read_bytes()
     image, corrected = corrected_ct()
     mv.finetune("tiny-ct", images=[image], labels=[corrected], slices=[[4, 8, 12, 16]], steps=6,
-                device="cpu", new_id="tiny-ct-mine", validate_every=3)
+                device="cpu", new_id="tiny-ct-mine", validate_every=3, method="network")
 
     folder = mv.models.user_dir()
     saved = json.loads((folder / "tiny-ct-mine.json").read_text())
@@ -134,7 +134,7 @@ def test_every_labelled_slice_is_taken_when_slices_are_not_given():
 def test_a_2d_model_fine_tunes_on_the_slices_of_a_3d_volume():
     tiny_slice_model()
     image, corrected = corrected_ct()
-    card = mv.finetune("tiny-ct-2d", images=[image], labels=[corrected], slices=[[5, 9, 13]], steps=4,
+    card = mv.finetune("tiny-ct-2d", images=[image], labels=[corrected], slices=[[5, 9, 13]], steps=4, method="network",
                        device="cpu", new_id="tiny-2d-mine")
     assert card.training["patch_size"] == [32, 32]
     assert card.training["data"]["validation_slices"] == 1
@@ -179,7 +179,7 @@ def test_cancel_keeps_a_loadable_checkpoint_and_a_rerun_resumes(monkeypatch):
             token.cancel()
 
     run = dict(images=[image], labels=[corrected], slices=[[4, 8, 12, 16]], steps=10, device="cpu",
-               new_id="tiny-ct-resumed", validate_every=5)
+               new_id="tiny-ct-resumed", validate_every=5, method="network")
     with pytest.raises(Cancelled) as info:
         mv.finetune("tiny-ct", progress=cancel_at_step_7, cancel=token, **run)
     prefix = info.value.checkpoint
@@ -203,7 +203,7 @@ def test_freezing_the_encoder_trains_only_the_decoder():
     parent = tiny_ct_model()
     image, corrected = corrected_ct()
     card = mv.finetune("tiny-ct", images=[image], labels=[corrected], slices=[[4, 8, 12]], steps=3, device="cpu",
-                       freeze_encoder=True, new_id="tiny-ct-frozen")
+                       freeze_encoder=True, new_id="tiny-ct-frozen", method="network")
     before, after = load_file(str(parent.weights_path)), load_file(str(card.weights_path))
     encoder = [k for k in before if k.startswith(("encoder", "vit"))]
     decoder = [k for k in before if k.startswith(("decoder", "head")) and before[k].is_floating_point()]
@@ -222,7 +222,7 @@ def test_a_full_disk_leaves_nothing_half_written(monkeypatch):
     monkeypatch.setattr("napari_medvision.models.registry.write_card", disk_full)
     with pytest.raises(CardError, match="could not write the model .No space left on device"):
         mv.finetune("tiny-ct", images=[image], labels=[corrected], slices=[[4, 8]], steps=2, device="cpu",
-                    new_id="tiny-ct-full")
+                    new_id="tiny-ct-full", guard=False)
     folder = mv.models.user_dir()
     assert not list(folder.glob("tiny-ct-full*")) and not list(folder.glob("*.partial"))
     assert "tiny-ct-full" not in [c.id for c in mv.models.available()]
@@ -268,7 +268,8 @@ def test_command_line_finetune(tmp_path, capsys):
     scan = mv.save(image, tmp_path / "ct.nii.gz")
     labels = mv.save(corrected, tmp_path / "corrected.nii.gz")
     assert cli(["finetune", "tiny-ct", "--image", str(scan), "--labels", str(labels), "--slices", "3,7,12",
-                "--steps", "3", "--device", "cpu", "--id", "tiny-ct-cli", "--anchor", "0.5"]) == 0
+                "--steps", "3", "--device", "cpu", "--id", "tiny-ct-cli", "--anchor", "0.5",
+                "--method", "network"]) == 0
     out = capsys.readouterr().out
     assert "saved model tiny-ct-cli" in out
     card = mv.models.get_card("tiny-ct-cli")
@@ -289,7 +290,8 @@ def test_a_2d_colour_photo_counts_as_one_corrected_picture():
     tiny_fundus_model()
     photo, vessels = fundus_photo(seed=0, size=(64, 64))
     mask = vessels.with_data((np.asarray(vessels.data) > 0).astype(np.uint8), labels={1: "vessel"})
-    card = mv.finetune("tiny-fundus", images=[photo], labels=[mask], steps=2, device="cpu", new_id="fundus-mine")
+    card = mv.finetune("tiny-fundus", images=[photo], labels=[mask], steps=2, device="cpu", new_id="fundus-mine",
+                       method="network")
     data = card.training["data"]
     assert data["training_slices"] + data["validation_slices"] == 64   # every row, background rows too
     assert data["voxels_per_label"]["background"] + data["voxels_per_label"]["vessel"] == 64 * 64

@@ -11,7 +11,7 @@ pytest.importorskip("napari")
 from napari.layers import Layer  # noqa: E402
 
 from napari_medvision._napari.layers import volume_to_layer  # noqa: E402
-from napari_medvision._napari.widgets.finetune import FinetuneWidget, painted_slices  # noqa: E402
+from napari_medvision._napari.widgets.finetune import FinetuneWidget, Refusal, painted_slices  # noqa: E402
 
 from test_finetune import corrected_ct  # noqa: E402
 from test_segment import tiny_ct_model  # noqa: E402
@@ -86,6 +86,7 @@ def test_panel_trains_plots_and_applies_the_new_model(make_napari_viewer, qtbot)
     panel.model_box.setCurrentIndex(panel.model_box.findData("tiny-ct"))
     panel.device_box.setCurrentText("cpu")
     panel.steps.setValue(4)
+    panel.guard.setChecked(False)   # an untrained test model: keep the result whatever it scores
     panel.new_id.setText("tiny-ct-panel")
     panel.run()
     qtbot.waitUntil(lambda: panel.card is not None, timeout=60_000)
@@ -95,6 +96,7 @@ def test_panel_trains_plots_and_applies_the_new_model(make_napari_viewer, qtbot)
     assert panel.plot.points and panel.plot.points[-1]["step"] == 4
     assert not panel.plot.grab().isNull()  # the curves draw
     assert panel.model_box.currentData() == "tiny-ct-panel"
+    assert "tiny-ct-panel" in panel.result.text() and str(panel.card.weights_path) in panel.result.text()
     assert len(viewer.layers) == 2
     panel.apply_button.click()
     qtbot.waitUntil(lambda: len(viewer.layers) == 3, timeout=60_000)
@@ -148,3 +150,39 @@ def test_panel_trains_a_new_prompting_head_and_applies_it(make_napari_viewer, qt
     liver = np.asarray(corrected.data) == 1
     predicted = np.asarray(result.data) == 1
     assert 2 * (liver & predicted).sum() / (liver.sum() + predicted.sum()) > 0.5
+
+
+def test_the_labels_are_copied_when_the_run_starts_and_a_refusal_keeps_the_parent(make_napari_viewer, qtbot):
+    tiny_ct_model()
+    viewer, corrected = viewer_with_corrections(make_napari_viewer)
+    panel = FinetuneWidget(viewer)
+    layer = paint_two_slices(viewer, corrected)
+    seen = {}
+
+    def spy(**kwargs):
+        seen["labels"] = kwargs["labels"][0].data
+        return Refusal("the fine-tuned model was not saved and tiny-ct stays: liver 0.5 -> 0.4")
+
+    panel._finetune_or_refusal = spy
+    panel.model_box.setCurrentIndex(panel.model_box.findData("tiny-ct"))
+    panel.run()
+    qtbot.waitUntil(lambda: panel.runner.run_button.isEnabled() and "labels" in seen, timeout=30_000)
+    assert seen["labels"] is not layer.data and not np.shares_memory(seen["labels"], layer.data)
+    assert "Not saved" in panel.result.text() and "tiny-ct stays" in panel.result.text()
+    assert panel.model_box.currentData() == "tiny-ct" and panel.card is None
+
+
+def test_every_open_panel_lists_a_new_model_at_once_and_keeps_the_choice(make_napari_viewer, qtbot):
+    import napari_medvision as mv
+    from napari_medvision._napari.widgets.segment import SegmentWidget
+
+    tiny_ct_model()
+    viewer, _ = viewer_with_corrections(make_napari_viewer)
+    segment_panel, finetune_panel = SegmentWidget(viewer), FinetuneWidget(viewer)
+    segment_panel.model_box.setCurrentIndex(segment_panel.model_box.findData("tiny-ct"))
+    tiny_ct_model("tiny-ct-other")                      # saved elsewhere (a script, another panel)
+    qtbot.waitUntil(lambda: segment_panel.model_box.findData("tiny-ct-other") >= 0, timeout=5_000)
+    assert finetune_panel.model_box.findData("tiny-ct-other") >= 0
+    assert segment_panel.model_box.currentData() == "tiny-ct"   # the user's choice stays
+    mv.models.remove_model("tiny-ct-other")
+    qtbot.waitUntil(lambda: segment_panel.model_box.findData("tiny-ct-other") < 0, timeout=5_000)

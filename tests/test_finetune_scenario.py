@@ -8,7 +8,7 @@ the right 40 %, which it never saw (a 20 % gap between), by at least ``OCT_GAIN`
 on), and at most ``OCT_SYNTHETIC_DROP`` on synthetic B-scans the parent never trained on (seeds
 1000-1001): learning the real scanner's look costs some accuracy on the simulator's. The default
 L2-SP anchor toward the parent's weights (``anchor=0.3``) keeps these drops about half of what
-they are without it (0.12 and 0.09, docs/finetuning.md).
+they are without it (0.12 and 0.09, docs/evaluation/finetuning.md).
 
 Skips with the reason when the shipped model or the real data is absent. The same question on
 the real CT (a few corrected axial slices) is ``bench/finetune.py --scenario ct``.
@@ -79,7 +79,7 @@ def test_correcting_part_of_a_real_oct_bscan_improves_the_rest(data_dir, two_thr
     other_before = np.mean([mean_dice(mv.segment(p, model=OCT_MODEL, device="cpu").data, t)
                             for p, t in zip(phantoms, phantom_truth)])
     card = mv.finetune(OCT_MODEL, images=[corrected_part], labels=[corrections], steps=OCT_STEPS, device="cpu",
-                       seed=0, new_id="oct-layers-corrected")
+                       seed=0, new_id="oct-layers-corrected", method="network")
     after = mean_dice(mv.segment(unseen_part, model=card.id, device="cpu").data, layers[:, right])
     known_after = mean_dice(mv.segment(known_scan, model=card.id, device="cpu").data, known_layers)
     other_after = np.mean([mean_dice(mv.segment(p, model=card.id, device="cpu").data, t)

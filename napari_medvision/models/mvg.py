@@ -40,7 +40,7 @@ PRESETS: dict[str, dict[str, Any]] = {
     "cpu": dict(tile=64, patch=8, dim=128, depth=6, decoder_depth=2, heads=4, head_channels=24),
     # the CPU model's tiles at twice the width and more depth: for a GPU run of minutes, not hours
     "medium": dict(tile=64, patch=8, dim=192, depth=8, decoder_depth=2, heads=6, head_channels=32),
-    # the "small" configuration: about 25 minutes on one H100
+    # the "small" configuration: about half an hour on one data-centre GPU
     "small": dict(tile=128, patch=16, dim=384, depth=12, decoder_depth=4, heads=6, head_channels=48),
 }
 DEFAULTS = dict(PRESETS["small"], channels=1, mlp_ratio=4.0)

@@ -20,7 +20,35 @@ if TYPE_CHECKING:  # torch is imported only when a model is built
 
 PACKAGE_DIR = Path(__file__).resolve().parents[1]
 ARCHITECTURES: dict[str, Callable[[dict[str, Any]], "torch.nn.Module"]] = {}
-_ARCHITECTURE_MODULES = ("transunet", "mvg", "appearance_head", "dino")
+_ARCHITECTURE_MODULES = ("transunet", "mvg", "appearance_head", "dino", "contrast_mlp")
+
+
+_LISTENERS: list[Callable[[str, str], None]] = []
+
+
+def on_change(callback: Callable[[str, str], None]) -> Callable[[], None]:
+    """Call ``callback(event, model_id)`` whenever a model is ``"saved"``, ``"removed"`` or made
+    ``"current"`` in its line of versions; returns a function that stops the calls.
+
+    Panels listen here so that every open model list updates at once. Callbacks run on the thread
+    that saved the model (a worker's, for a fine-tune): a GUI hands them to its own thread.
+    """
+    _LISTENERS.append(callback)
+
+    def stop() -> None:
+        if callback in _LISTENERS:
+            _LISTENERS.remove(callback)
+
+    return stop
+
+
+def notify(event: str, model_id: str) -> None:
+    """Tell every listener; a failing listener never stops a save."""
+    for callback in list(_LISTENERS):
+        try:
+            callback(event, model_id)
+        except Exception:  # a closed panel must not break saving models
+            pass
 
 
 def register_architecture(name: str):
@@ -172,4 +200,16 @@ def save_model(network: "torch.nn.Module", card: ModelCard, folder: Path | None 
     finally:
         tmp.unlink(missing_ok=True)
     card.weights_path = weights
+    notify("saved", card.id)
     return card
+
+
+def remove_model(model_id: str) -> None:
+    """Delete a user model (card first, so it is never listed half-removed); shipped ones are refused."""
+    card = get_card(model_id)
+    if card.source != "user":
+        raise CardError(model_id, f"only user models can be removed; this one is {card.source}")
+    folder = user_dir()
+    (folder / f"{card.id}.json").unlink(missing_ok=True)
+    (folder / f"{card.id}.safetensors").unlink(missing_ok=True)
+    notify("removed", card.id)

@@ -59,7 +59,7 @@ def check_corrections(card: ModelCard, images, labels, slices) -> list[list[int]
             raise ValueError(f"{name}: is a label map; give the image the corrections were drawn on")
         if image.n_leading:
             raise ValueError(f"{name}: is a series; fine-tune on one time point at a time")
-        if (3 if image.rgb else 1) != channels:
+        if (3 if image.rgb else 1) != channels and not card.input.get("contrasts"):
             raise ValueError(f"{name}: model {card.id} expects {'colour' if channels == 3 else 'greyscale'} images")
         if dims == 3 and image.ndim != 3:
             raise ValueError(f"{name}: model {card.id} is a 3D model, this image is {image.ndim}D")

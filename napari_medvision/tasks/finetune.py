@@ -1,13 +1,15 @@
-"""``mv.finetune``: a new model trained further on the slices a user corrected, saved apart.
+"""``mv.finetune``: a new model trained on the slices a user corrected, saved apart, never worse.
 
-The corrected label maps supervise only the slices the user actually edited (``slices=``, or
-every slice holding a label): the model's own unedited output elsewhere must not teach it. The
-images are prepared exactly as inference prepares them (the card's array layout, spacing and
-normalisation), a few corrected slices are held out for validation and early stopping, and
-the result goes into the user model folder with a card naming its parent. Shipped weights are
-never written.
+The default (``FinetuneOptions.method="tail"``, ``tasks.finetune_tail``) trains only the output
+head on the parent's cached features: the corrected labels learn from the user's slices, every
+other voxel and label is distilled from the parent, and a guard saves the result only if it beats
+the parent on held-out corrected slices (``FinetuneRefused`` otherwise). ``method="network"``
+trains the whole network on the corrected slices (L2-SP toward the parent, validation on a
+held-out fifth, resumable checkpoints). Either way the images are prepared exactly as inference
+prepares them, and the model goes into the user folder with a card naming its parent. Shipped
+weights are never written.
 
-    card = mv.finetune("ct-abdomen-organs-3d", images=[ct], labels=[corrected], slices=[[12, 20, 31]])
+    card = mv.finetune("ct-abdomen-organs-3d", [ct], [corrected], slices=[[12, 20, 31]])
     seg = mv.segment(ct, model=card.id)
 """
 
@@ -17,7 +19,7 @@ import hashlib
 import json
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Callable, Optional, Sequence
@@ -28,11 +30,12 @@ from ..engine.progress import CancelToken, Cancelled, ProgressFn, check, report
 from ..models.card import CardError, ModelCard
 from ..volume import Volume
 from .corrections import check_corrections, destination, display_name, split_slices
+from .finetune_tail import FinetuneRefused  # noqa: F401  (raised by mv.finetune; importable from here)
 
 DEFAULT_STEPS = 200
 LEARNING_RATE = 1e-3      # half the recipes' peak, with a short warm-up: a few corrections, few steps
 ANCHOR = 0.3              # L2-SP strength toward the parent's weights: on the OCT scenario it halves the
-                          # forgetting for an eighth of the gain (docs/finetuning.md, 0.01 to 3 measured)
+                          # forgetting for an eighth of the gain (docs/evaluation/finetuning.md, 0.01 to 3 measured)
 
 
 @dataclass
@@ -50,72 +53,128 @@ class Corrections:
     summary: dict
 
 
+@dataclass
+class FinetuneOptions:
+    """Everything about a fine-tune a user rarely changes; ``mv.finetune(..., options=FinetuneOptions(...))``.
+
+    method: ``"tail"`` (default) trains the network's last decoder block and head on the trunk's
+        cached outputs, every uncorrected voxel and untouched label distilled from the parent;
+        ``"network"`` trains the whole network (L2-SP toward the parent; slower, forgets more).
+    steps: optimiser steps per training run (tail default 60, per fold and once more at the end;
+        network default 200). time_budget_s: wall-clock limit (network method).
+    corrected_labels: the labels the corrections speak for (ids or names); default: every label
+        painted on the corrected slices. Every other label stays the parent's.
+    guard: train on all but a fold of the corrected slices and keep the new model only if it beats
+        the parent on the held-out ones (per label; ``min_gain`` for the corrected labels, no label
+        down by more than ``max_loss``); otherwise ``FinetuneRefused`` with the figures.
+    distill: weight of the distillation to the parent's probabilities (tail method).
+    anchor, freeze_encoder, batch_size, validate_every, patience: network method only.
+    new_id: id of the new model (default ``<parent>-ft-<date-time>``); folder: where it goes
+        (default the user model folder, never the shipped ``weights/``).
+    on_validation: called with ``{step, loss, score, ...}`` as the curve grows (live plots).
+    """
+
+    method: str = "tail"
+    steps: Optional[int] = None
+    time_budget_s: Optional[float] = None
+    device: Optional[str] = None
+    corrected_labels: Optional[Sequence] = None
+    guard: bool = True
+    min_gain: float = 0.01
+    max_loss: float = 0.01
+    distill: float = 1.0
+    learning_rate: Optional[float] = None
+    seed: int = 0
+    new_id: Optional[str] = None
+    folder: Optional[os.PathLike] = None
+    on_validation: Optional[Callable[[dict], None]] = None
+    freeze_encoder: bool = False
+    anchor: float = ANCHOR
+    batch_size: Optional[int] = None
+    validate_every: Optional[int] = None
+    patience: Optional[int] = 4
+
+
 def finetune(
     model: str | os.PathLike | ModelCard,
     images: Sequence[Volume],
     labels: Sequence[Volume],
     slices: Optional[Sequence[Optional[Sequence[int]]]] = None,
-    steps: Optional[int] = None,
-    time_budget_s: Optional[float] = None,
-    device: Optional[str] = None,
-    freeze_encoder: bool = False,
+    options: Optional[FinetuneOptions] = None,
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
-    seed: int = 0,
-    new_id: Optional[str] = None,
-    batch_size: Optional[int] = None,
-    learning_rate: float = LEARNING_RATE,
-    anchor: float = ANCHOR,
-    validate_every: Optional[int] = None,
-    patience: Optional[int] = 4,
-    folder: Optional[os.PathLike] = None,
-    on_validation: Optional[Callable[[dict], None]] = None,
+    **option_fields,
 ) -> ModelCard:
-    """The card of a new model: ``model`` fine-tuned on corrected label maps, saved in the user folder.
+    """The card of a new model: ``model`` fine-tuned on corrected slices, saved in the user folder.
 
     model: a segmentation model (id, path or card), or ``"prompt-head"`` for a new prompting
-        appearance head (``tasks.prompting.head``: a per-pixel classifier on the prompt's features,
-        trained in seconds; ``steps`` counts its optimiser steps; encoder, anchor, batch and
-        time-budget options do not apply to it).
+        appearance head (``tasks.prompting.head``: a per-pixel classifier on the prompt's features).
     images / labels: one image and its corrected label map per volume, on the same grid.
-    slices: per volume, the indices along axis 0 (axial slices of a 3D scan, rows of a 2D image)
-        the user corrected; ``None`` (for all volumes or one) takes every slice holding a label
-        (a 2D image: all of it, when it holds any label).
-        Only these voxels train the model; background painted there counts as a correction too.
-    steps / time_budget_s: optimiser steps at most and a wall-clock limit; without either,
-        200 steps. Validation on the held-out corrected slices keeps the best weights and stops
-        early after ``patience`` validations without improvement.
-    freeze_encoder: train only the decoder (faster steps; on the OCT scenario it learned less and
-        did not forget less, docs/finetuning.md).
-    anchor: L2-SP strength: pulls the weights toward the parent's (alpha/2 * ||w - w_parent||^2)
-        so the new model forgets less of what the parent did well; 0 turns it off.
-    new_id: id of the new model (default ``<parent>-ft-<date-time>``); an interrupted run with the
-        same id and the same data resumes from its checkpoint.
-    folder: where the model goes (default the user model folder); never the shipped ``weights/``.
-    on_validation: called with ``{step, loss, score, seconds}`` after every validation (live plots).
+    slices: per volume, the indices along axis 0 (axial slices of a 3D scan) the user corrected;
+        ``None`` (for all volumes or one) takes every slice holding a label (a 2D image: all of it).
+    options: a ``FinetuneOptions``; its fields may also be given as keywords (``steps=30``).
 
-    Raises ValueError naming the volume and the problem for empty corrections, mismatched shapes
-    or spacing, or label ids the model does not have; ``Cancelled`` (with ``.checkpoint``) on a
-    cancel, keeping the last checkpoint on disk; ``CardError`` when the folder cannot be written.
+    Learns only what the corrections say (see ``FinetuneOptions.method``) and, with the guard on,
+    saves the model only if it beats the parent on held-out corrected slices.
+    Raises ``FinetuneRefused`` (a ValueError, with ``.guard`` figures) when it does not; ValueError
+    naming the volume and the problem for empty corrections, labels on another grid, or label ids
+    the model does not have (a new class is refused: fine-tuning keeps the parent's outputs);
+    ``Cancelled`` (network method: with ``.checkpoint``) on a cancel; ``CardError`` when the
+    folder cannot be written.
     """
+    if options is None:
+        options = FinetuneOptions()
+    if option_fields:
+        known = set(FinetuneOptions.__dataclass_fields__)
+        unknown = sorted(set(option_fields) - known)
+        if unknown:
+            raise TypeError(f"finetune() got unknown options {unknown}; FinetuneOptions has {sorted(known)}")
+        options = replace(options, **option_fields)
+    from .prompting.head import finetune_head, is_head
+
+    if options.method not in ("tail", "network"):
+        raise ValueError(f"method must be 'tail' or 'network', got {options.method!r}")
+    head_args = dict(steps=options.steps, device=options.device, progress=progress, cancel=cancel,
+                     seed=options.seed, new_id=options.new_id, folder=options.folder,
+                     on_validation=options.on_validation)
+    if is_head(model):  # a new prompting head
+        return finetune_head(model, images, labels, slices, **head_args)
+    from ..models.registry import get_card
+
+    parent = get_card(model)
+    if is_head(parent):  # a stored prompting head, trained further
+        return finetune_head(parent, images, labels, slices, guard=options.guard, **head_args)
+    if options.method == "tail":
+        from ..engine.device import resolve_device
+        from ..models.registry import build_model
+        from ..engine.tail import tail_supported
+        from .finetune_tail import finetune_tail
+
+        # multi-contrast inputs are stacked by tasks.contrasts: those models train as a whole network
+        if not parent.input.get("contrasts") and tail_supported(build_model(parent.architecture)):
+            slices = check_corrections(parent, images, labels, slices)
+            new_id, folder = destination(parent, parent.id, options.new_id, options.folder)
+            return finetune_tail(parent, images, labels, slices, options, new_id, folder,
+                                 resolve_device(options.device), progress, cancel)
+    return _finetune_network(parent, images, labels, slices, options, progress, cancel)
+
+
+def _finetune_network(parent: ModelCard, images, labels, slices, options: FinetuneOptions, progress, cancel) -> ModelCard:
+    """The whole network trained on the corrected slices (L2-SP toward the parent)."""
+    steps, time_budget_s, device = options.steps, options.time_budget_s, options.device
+    freeze_encoder, seed, new_id = options.freeze_encoder, options.seed, options.new_id
+    batch_size, learning_rate, anchor = options.batch_size, options.learning_rate or LEARNING_RATE, options.anchor
+    validate_every, patience, folder = options.validate_every, options.patience, options.folder
+    on_validation = options.on_validation
     import torch
 
     from ..engine.device import resolve_device
     from ..engine.training import TrainConfig, train_segmentation
-    from ..models.registry import get_card, load_model, save_model
-
-    from .prompting.head import finetune_head, is_head
+    from ..models.registry import load_model, save_model
 
     started = time.perf_counter()
     if not anchor >= 0:
         raise ValueError(f"anchor must be 0 (off) or positive, got {anchor}")
-    if is_head(model):  # a new prompting head
-        return finetune_head(model, images, labels, slices, steps=steps, device=device, progress=progress,
-                             cancel=cancel, seed=seed, new_id=new_id, folder=folder, on_validation=on_validation)
-    parent = get_card(model)
-    if is_head(parent):  # a stored prompting head, trained further
-        return finetune_head(parent, images, labels, slices, steps=steps, device=device, progress=progress,
-                             cancel=cancel, seed=seed, new_id=new_id, folder=folder, on_validation=on_validation)
     slices = check_corrections(parent, images, labels, slices)
     device = resolve_device(device)
     new_id, folder = destination(parent, parent.id, new_id, folder)
@@ -203,7 +262,12 @@ def prepare_corrections(card: ModelCard, images, labels, slices: list[list[int]]
         if not train and not val:
             continue
         turned, ornt = model_layout(image, card.input)
-        prepared = prepare_image(turned, card.input, "cpu").numpy()
+        if card.input.get("contrasts"):  # a multi-contrast model: the image is its first contrast
+            from .contrasts import prepare_first_contrast
+
+            prepared = prepare_first_contrast(turned, card.input).numpy()
+        else:
+            prepared = prepare_image(turned, card.input, "cpu").numpy()
         grid = prepared.shape[1:]
         lab = np.asarray(label.data).astype(np.int64)
         masks = [in_model_layout(_slice_mask(lab.shape, picked), ornt) for picked in (train, val)]

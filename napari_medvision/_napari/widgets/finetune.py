@@ -2,8 +2,10 @@
 
 The slices the user paints in the labels layer are tracked from its ``paint`` events (and can be
 typed or added by hand), so training learns from the corrections, not from the model's own
-unedited output. Training runs in ``mv.finetune`` off the GUI thread (``TaskRunner``); a small
-plot shows the training loss and the validation Dice as they come.
+unedited output. The labels are copied when a run starts (painting meanwhile changes nothing).
+Training runs in ``mv.finetune`` off the GUI thread (``TaskRunner``); a small plot shows the
+loss and, per held-out fold, the new model's and the parent's Dice. At the end the panel says
+the new model's id, where it is stored and its gain over the parent, or why the parent stays.
 """
 
 from __future__ import annotations
@@ -15,15 +17,16 @@ import numpy as np
 from napari.layers import Image, Labels, Layer
 from qtpy.QtCore import QObject, QPointF, Qt, Signal
 from qtpy.QtGui import QColor, QPainter, QPen
-from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLineEdit,
+from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, QHBoxLayout, QLabel, QLineEdit,
                             QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ... import models
-from ...tasks.finetune import finetune
+from ...tasks.finetune import FinetuneOptions, finetune
 from ...tasks.prompting.head import NEW_HEAD
 from ...tasks.segment import segment
 from ..layers import label_names, volume_to_layer
 from ._layer_choice import chosen_layer, refill
+from ._model_choice import fill_models, watch_models
 from ._task_runner import TaskRunner
 from .segment import devices, image_volume
 
@@ -50,7 +53,8 @@ def painted_slices(atoms: Iterable[Any]) -> set[int]:
 
 
 class CurvePlot(QWidget):
-    """Training loss (grey) and validation Dice (green) against the step: a plain QPainter plot.
+    """Training loss (grey), held-out Dice of the new model (green) and of the parent (orange)
+    against the step: a plain QPainter plot.
 
     Drawn by hand so that the panel needs no plotting library beyond Qt.
     """
@@ -82,7 +86,8 @@ class CurvePlot(QWidget):
         top = max(max(losses), 1.0)
 
         def curve(key: str, scale: float, colour: QColor) -> None:
-            pts = [QPointF(m + (w - 2 * m) * p["step"] / last, h - m - (h - 2 * m) * p[key] / scale)
+            # the top 18 px hold the numbers: the curves are drawn below them
+            pts = [QPointF(m + (w - 2 * m) * p["step"] / last, h - m - (h - 2 * m - 18) * p[key] / scale)
                    for p in self.points if p.get(key) is not None and np.isfinite(p[key])]
             painter.setPen(QPen(colour, 2))
             for a, b in zip(pts, pts[1:]):
@@ -91,11 +96,31 @@ class CurvePlot(QWidget):
                 painter.drawEllipse(p, 2, 2)
 
         curve("loss", top, QColor(160, 160, 160))
+        curve("parent_score", 1.0, QColor(230, 140, 40))
         curve("score", 1.0, QColor(40, 170, 80))
         latest = self.points[-1]
+        scored = [p for p in self.points if _finite(p.get("score"))]
+        text = f"step {latest['step']}  loss {latest['loss']:.3f}"
+        if latest.get("phase"):
+            text = f"{latest['phase']}  " + text
+        if scored:
+            last = scored[-1]
+            text += f"  held-out Dice {last['score']:.3f}"
+            if _finite(last.get("parent_score")):
+                text += f" (parent {last['parent_score']:.3f})"
         painter.setPen(QPen(QColor(200, 200, 200)))
-        painter.drawText(m + 4, m + 14, f"step {latest['step']}  loss {latest['loss']:.3f}  "
-                                        f"Dice {latest.get('score', float('nan')):.3f}")
+        painter.drawText(m + 4, m + 14, text)
+
+
+def _finite(value) -> bool:
+    return value is not None and bool(np.isfinite(value))
+
+
+class Refusal:
+    """The guard kept the parent: what to tell the user (why, with the figures)."""
+
+    def __init__(self, message: str):
+        self.message = message
 
 
 class _Validation(QObject):
@@ -124,7 +149,10 @@ class FinetuneWidget(QWidget):
         self.time_budget.setSpecialValueText("no limit")
         self.device_box = QComboBox()
         self.device_box.addItems(devices())
-        self.freeze = QCheckBox("freeze the encoder (train the decoder only)")
+        # the default trains the output head on the frozen network's features (distilled, guarded)
+        self.whole_network = QCheckBox("train the whole network (slower; forgets more)")
+        self.guard = QCheckBox("save only if it beats the parent on held-out corrected slices")
+        self.guard.setChecked(True)
         self.new_id = QLineEdit()
         self.new_id.setPlaceholderText("<model>-ft-<date-time>")
         slices_row = QHBoxLayout()
@@ -135,19 +163,24 @@ class FinetuneWidget(QWidget):
         form.addRow("image", self.image_box)
         form.addRow("corrected labels", self.labels_box)
         form.addRow("corrected slices", slices_row)
-        form.addRow("steps", self.steps)
+        form.addRow("optimiser steps", self.steps)
         form.addRow("time budget", self.time_budget)
         form.addRow("device", self.device_box)
-        form.addRow("", self.freeze)
+        form.addRow("", self.whole_network)
+        form.addRow("", self.guard)
         form.addRow("new model id", self.new_id)
         self.plot = CurvePlot()
         self.runner = TaskRunner("Fine-tune")
         self.apply_button = QPushButton("Apply: segment with the new model")
         self.apply_button.setEnabled(False)
+        self.result = QLabel("")
+        self.result.setWordWrap(True)
+        self.result.setTextInteractionFlags(Qt.TextSelectableByMouse)
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.runner)
         layout.addWidget(self.plot)
+        layout.addWidget(self.result)
         layout.addWidget(self.apply_button)
         layout.addStretch(1)
 
@@ -164,6 +197,7 @@ class FinetuneWidget(QWidget):
             event.connect(self._refresh_layers)
         self._refresh_layers()
         self._refresh_models()
+        watch_models(self, self._refresh_models)  # models saved or removed anywhere show at once
 
     # --- layers, models and the painted slices ----------------------------------------------------
     def _layer(self, box: QComboBox):
@@ -174,12 +208,10 @@ class FinetuneWidget(QWidget):
             refill(box, [layer.name for layer in self.viewer.layers if isinstance(layer, kind)])
         self._track_labels()
 
-    def _refresh_models(self) -> None:
-        self.model_box.clear()
-        for card in models.available(task="segmentation"):
-            self.model_box.addItem(f"{card.id} ({card.source})", card.id)
+    def _refresh_models(self, *_: Any) -> None:
         # a prompting head learns from the corrections alone, in seconds (tasks.prompting.head)
-        self.model_box.addItem("new prompting head (pixel classifier)", NEW_HEAD)
+        fill_models(self.model_box, models.available(task="segmentation"),
+                    extra=[("new prompting head (pixel classifier)", NEW_HEAD)])
 
     def _track_labels(self, *_: Any) -> None:
         layer = self._layer(self.labels_box)
@@ -239,25 +271,42 @@ class FinetuneWidget(QWidget):
         volume.meta["name"] = image.name
         # The corrections lie on the image's grid: they take its geometry (a labels layer made in
         # napari often has none of its own).
-        corrected = volume.with_data(np.asarray(labels.data), labels=label_names(labels), rgb=False)
+        # a copy: a brush stroke during training must not change what it learns from
+        corrected = volume.with_data(np.array(labels.data, copy=True), labels=label_names(labels), rgb=False)
         corrected.meta = {"name": labels.name}
         device = self.device_box.currentText()
         self.plot.clear()
+        self.result.setText("")
         self.apply_button.setEnabled(False)
         self.card = None
-        self.runner.start(
-            finetune, self._trained, model=model_id, images=[volume], labels=[corrected],
-            slices=None if slices is None else [slices], steps=self.steps.value() or None,
-            time_budget_s=self.time_budget.value() or None, device=None if device == "auto" else device,
-            freeze_encoder=self.freeze.isChecked(), new_id=self.new_id.text().strip() or None,
-            on_validation=self._validation.seen.emit,
-        )
+        options = FinetuneOptions(
+            steps=self.steps.value() or None, time_budget_s=self.time_budget.value() or None,
+            device=None if device == "auto" else device,
+            method="network" if self.whole_network.isChecked() else "tail", guard=self.guard.isChecked(),
+            new_id=self.new_id.text().strip() or None, on_validation=self._validation.seen.emit)
+        self.runner.start(self._finetune_or_refusal, self._trained, model=model_id, images=[volume],
+                          labels=[corrected], slices=None if slices is None else [slices], options=options)
 
-    def _trained(self, card) -> None:
+    @staticmethod
+    def _finetune_or_refusal(**kwargs):
+        """The new card, or the guard's refusal (a result to show, not a failure)."""
+        from ...tasks.finetune import FinetuneRefused
+
+        try:
+            return finetune(**kwargs)
+        except FinetuneRefused as exc:
+            return Refusal(str(exc))  # wrapped: a worker re-raises an exception it returns
+
+    def _trained(self, card) -> str:
+        if isinstance(card, Refusal):  # the parent stays selected
+            self.result.setText(f"Not saved: {card.message}")
+            return "the parent model stays: the new one did not beat it"
         self.card = card
         self.apply_button.setEnabled(True)
         self._refresh_models()
         self.model_box.setCurrentIndex(self.model_box.findData(card.id))
+        self.result.setText(result_summary(card))
+        return f"saved model {card.id}"
 
     def apply(self) -> None:
         """Segment the chosen image with the fine-tuned model; the result is a new labels layer."""
@@ -272,3 +321,19 @@ class FinetuneWidget(QWidget):
     def _add_result(self, result, source: Layer, model_id: str) -> None:
         data, kwargs, kind = volume_to_layer(result, name=f"{source.name} – {model_id}")
         self.viewer.add_layer(Layer.create(data, kwargs, kind))
+
+
+def result_summary(card) -> str:
+    """What the user needs after a fine-tune: the id, where it is stored and its gain over the parent."""
+    training = card.training or {}
+    guard = (training.get("guard") or {}).get("figures") or {}
+    lines = [f"New model {card.id} (from {card.parent}), stored in {card.weights_path}."]
+    corrected = guard.get("corrected labels") or {}
+    if corrected:
+        gains = ", ".join(f"{name} {f['parent']:.3f} → {f['new']:.3f}" for name, f in corrected.items())
+        lines.append(f"Held-out corrected slices, parent → new Dice: {gains}.")
+    else:
+        for name, value in (card.metrics or {}).items():
+            lines.append(f"{name}: {value}")
+    lines.append(f"{training.get('steps')} steps in {training.get('wall_time_s')} s.")
+    return " ".join(lines)

@@ -1,0 +1,129 @@
+"""The default fine-tune: the output head learns the corrected labels only, everything else stays
+the parent's, and a guard keeps the parent unless the new model beats it on held-out slices."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+import napari_medvision as mv  # noqa: E402
+from napari_medvision.tasks.finetune import FinetuneOptions, FinetuneRefused  # noqa: E402
+from napari_medvision.tasks.finetune_tail import fold_maps, guard_verdict  # noqa: E402
+
+from test_finetune import corrected_ct  # noqa: E402
+from test_segment import tiny_ct_model  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def liver_only(corrected, slices):
+    """The user corrected the liver (label 1) on ``slices`` and painted nothing else."""
+    data = np.zeros_like(np.asarray(corrected.data))
+    for s in slices:
+        data[s][np.asarray(corrected.data)[s] == 1] = 1
+    return corrected.with_data(data)
+
+
+def test_only_the_head_rows_of_the_corrected_labels_change_and_the_card_records_the_run():
+    from safetensors.torch import load_file
+
+    parent = tiny_ct_model()
+    image, corrected = corrected_ct()
+    events = []
+    stop = mv.models.on_change(lambda event, model_id: events.append((event, model_id)))
+    try:
+        card = mv.finetune("tiny-ct", [image], [liver_only(corrected, [4, 10, 16])], [[4, 10, 16]],
+                           FinetuneOptions(steps=20, device="cpu", new_id="tiny-ct-liver", guard=False))
+    finally:
+        stop()
+    assert events == [("saved", "tiny-ct-liver")]            # every open panel hears of it at once
+    before, after = load_file(str(parent.weights_path)), load_file(str(card.weights_path))
+    changed = [k for k in before if not torch.equal(before[k], after[k])]
+    assert changed and all(k.startswith("head.") for k in changed)
+    weight = [k for k in changed if k.endswith("weight")][0]
+    rows = [r for r in range(before[weight].shape[0]) if not torch.equal(before[weight][r], after[weight][r])]
+    assert rows == [1]                                         # liver's row only: spleen's logit is the parent's
+    volume = card.training["data"]["volumes"][0]
+    assert card.parent == "tiny-ct" and volume["corrected_slices"] == [4, 10, 16]
+    assert len(volume["image_sha256"]) == 64 and len(volume["labels_sha256"]) == 64
+    assert card.training["guard"]["touched_labels"] == ["liver"]
+
+
+def test_the_guard_refuses_a_model_that_does_not_beat_its_parent_and_saves_nothing():
+    tiny_ct_model()
+    image, corrected = corrected_ct()
+    curve = []
+    with pytest.raises(FinetuneRefused, match="tiny-ct stays") as info:
+        mv.finetune("tiny-ct", [image], [liver_only(corrected, [4, 10, 16])], [[4, 10, 16]],
+                    FinetuneOptions(steps=5, device="cpu", new_id="tiny-ct-refused", min_gain=1.0,
+                                    on_validation=curve.append))
+    figures = info.value.guard["figures"]["corrected labels"]["liver"]
+    assert set(figures) == {"parent", "new", "voxels"}
+    assert info.value.guard["folds"] == "leave one corrected slice out"
+    assert "tiny-ct-refused" not in [c.id for c in mv.models.available()]
+    scored = [e for e in curve if e["score"] is not None]
+    assert scored and all(np.isfinite(e["score"]) and np.isfinite(e["parent_score"]) for e in scored)
+
+
+def test_folds_one_slice_halves_up_to_three_leave_one_out_more_hold_a_fifth():
+    def items(n):
+        unit = np.full((10, 4, 6), -1, np.int32)
+        for u in range(n):
+            unit[u * 2] = u
+        return [(None, None, unit)]
+
+    maps, n, how = fold_maps(items(1), 1)
+    assert n == 2 and set(np.unique(maps[0][0, :, :3])) == {0} and set(np.unique(maps[0][0, :, 3:])) == {1}
+    maps, n, how = fold_maps(items(3), 3)
+    assert n == 3 and how == "leave one corrected slice out"
+    maps, n, how = fold_maps(items(5), 5)
+    assert n == 1 and (maps[0] == 0).any(axis=(1, 2)).sum() == 1
+
+
+def test_the_verdict_needs_a_gain_and_no_label_falling():
+    parent = {"touched": {1: [40, 100, 50]}, "kept": {2: [50, 100, 50]}}
+    better = {"touched": {1: [45, 100, 50]}, "kept": {2: [50, 100, 50]}}
+    spleen_lost = {"touched": {1: [45, 100, 50]}, "kept": {2: [45, 100, 50]}}
+    names = {1: "liver", 2: "spleen"}
+    assert guard_verdict(parent, better, names, 0.01, 0.01)[0]
+    ok, figures, why = guard_verdict(parent, spleen_lost, names, 0.01, 0.01)
+    assert not ok and "spleen falls" in why and figures["labels left to the parent"]["spleen"]["new"] == 0.9
+    assert not guard_verdict(parent, parent, names, 0.01, 0.01)[0]
+
+
+def test_a_label_the_model_does_not_have_is_refused_with_the_reason():
+    tiny_ct_model()
+    image, corrected = corrected_ct()
+    stranger = corrected.with_data(np.where(np.asarray(corrected.data) == 1, 7, 0).astype(np.uint8))
+    with pytest.raises(ValueError, match="label ids \\[7\\] that model tiny-ct does not have"):
+        mv.finetune("tiny-ct", [image], [stranger])
+    with pytest.raises(ValueError, match="not one of the model's labels"):
+        mv.finetune("tiny-ct", [image], [liver_only(corrected, [4])], [[4]], corrected_labels=["pancreas"])
+
+
+def test_versions_roll_back_and_are_announced():
+    tiny_ct_model()
+    image, corrected = corrected_ct()
+    card = mv.finetune("tiny-ct", [image], [liver_only(corrected, [4, 10])], [[4, 10]],
+                       FinetuneOptions(steps=3, device="cpu", new_id="tiny-ct-v1", guard=False))
+    line = mv.models.versions(card.id)
+    assert [v["id"] for v in line] == ["tiny-ct", "tiny-ct-v1"] and line[0]["current"]
+    events = []
+    stop = mv.models.on_change(lambda *e: events.append(e))
+    try:
+        assert mv.models.rollback("tiny-ct-v1") == "tiny-ct-v1"
+        assert mv.models.current("tiny-ct") == "tiny-ct-v1"
+        mv.models.rollback("tiny-ct")
+        mv.models.remove_model("tiny-ct-v1")
+    finally:
+        stop()
+    assert events == [("current", "tiny-ct-v1"), ("current", "tiny-ct"), ("removed", "tiny-ct-v1")]
+    assert mv.models.current("tiny-ct") == "tiny-ct"
