@@ -17,15 +17,15 @@ from .volume import Volume
 __version__ = "0.1.0"
 
 __all__ = ["Volume", "load", "load_all", "save", "segment", "synthesize", "synthesis_tasks", "prompt", "finetune",
-           "models", "io", "__version__"]
+           "InteractiveSession", "measure", "measure_csv", "models", "atlases", "io", "batch", "__version__"]
 
 
 def __getattr__(name: str):
     # Models and tasks import torch: load them on first use so `import napari_medvision` stays fast.
-    if name == "models":
+    if name in ("models", "atlases"):
         import importlib
 
-        return importlib.import_module(f"{__name__}.models")
+        return importlib.import_module(f"{__name__}.{name}")
     if name == "segment":
         from .tasks.segment import segment
 
@@ -42,8 +42,20 @@ def __getattr__(name: str):
         from .tasks.prompting import prompt
 
         return prompt
+    if name in ("measure", "measure_csv"):
+        from .tasks import measure
+
+        return getattr(measure, name)
+    if name == "InteractiveSession":
+        from .tasks.interactive import InteractiveSession
+
+        return InteractiveSession
     if name == "finetune":
         from .tasks.finetune import finetune
 
         return finetune
+    if name == "batch":  # imports dask.distributed
+        from .batch import batch
+
+        return batch
     raise AttributeError(f"module 'napari_medvision' has no attribute {name!r}")

@@ -48,9 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     load.set_defaults(run=_load)
 
     seg = sub.add_parser("segment", help="segment an image with a model; writes a label map")
-    seg.add_argument("input", help="image file or folder")
+    seg.add_argument("input", nargs="?", help="image file or folder (or MR contrasts by --flair/--t1c/--t1/--t2)")
     seg.add_argument("-o", "--output", required=True, help="label map to write (.nii.gz, .nrrd, .mha, .ome.zarr, ...)")
     seg.add_argument("--model", required=True, help="model id (see `medvision models`) or checkpoint path")
+    for contrast in ("flair", "t1c", "t1", "t2"):  # multi-contrast models; the first given sets the grid
+        seg.add_argument(f"--{contrast}", help=f"{contrast.upper()} image of the subject (any subset)")
     seg.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
     seg.add_argument("--overlap", type=float, default=SEGMENT_OVERLAP, help="sliding-window overlap, 0-0.9")
     seg.add_argument("--series", help="DICOM series to read when a folder holds several (index or UID)")
@@ -68,7 +70,14 @@ def _parser() -> argparse.ArgumentParser:
     tune.add_argument("--steps", type=int, default=None, help="optimiser steps at most (default 200)")
     tune.add_argument("--time-budget", type=float, default=None, help="stop after this many seconds")
     tune.add_argument("--device", default=None, help="cuda, mps or cpu (default: best available)")
-    tune.add_argument("--freeze-encoder", action="store_true", help="train the decoder only")
+    tune.add_argument("--freeze-encoder", action="store_true", help="with --method network: train the decoder only")
+    tune.add_argument("--method", choices=("tail", "network"), default="tail",
+                      help="tail (default): the output head on the frozen network's features, every uncorrected "
+                           "voxel and untouched label held to the parent; network: the whole network")
+    tune.add_argument("--corrected-labels", default=None,
+                      help="the labels the corrections speak for, comma-separated ids or names (default: those painted)")
+    tune.add_argument("--no-guard", action="store_true",
+                      help="save even if the new model does not beat the parent on held-out corrected slices")
     tune.add_argument("--anchor", type=float, default=None,
                       help="L2-SP strength toward the parent's weights: less forgetting (0: off; default 0.3)")
     tune.add_argument("--seed", type=int, default=0)
@@ -93,7 +102,8 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("input", nargs="?", help="image file or folder")
     syn.add_argument("-o", "--output", help="image to write (.nii.gz, .nrrd, .mha, .ome.zarr, .png, ...)")
     syn.add_argument("--model", default="mvg-generalist", help="MVG model id or checkpoint (default mvg-generalist)")
-    syn.add_argument("--task", help="a named task with its own simulated example (see --list-tasks)")
+    syn.add_argument("--task", help="a named task (see --list-tasks): T1/T2/FLAIR run models fitted on real "
+                     "brains, the others a simulated example for MVG")
     syn.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "TARGET"),
                      help="an image and what should become of it (the task, shown); repeat to average several")
     syn.add_argument("--mask", help="for inpainting: a mask on the input's grid, non-zero where to fill in")
@@ -106,11 +116,46 @@ def _parser() -> argparse.ArgumentParser:
     syn.add_argument("--list-tasks", action="store_true", help="print the named tasks and exit")
     syn.set_defaults(run=_synthesize)
 
+    meas = sub.add_parser("measure", help="per-label volume (mL), voxel count, mean intensity; Dice/HD95 "
+                          "against a reference label map; CSV out")
+    meas.add_argument("labels", help="label map file")
+    meas.add_argument("--image", help="image on the same grid: adds each label's mean intensity")
+    meas.add_argument("--reference", help="reference label map on the same grid: adds Dice and HD95 (mm)")
+    meas.add_argument("-o", "--output", help="write the CSV here (default: print it)")
+    meas.set_defaults(run=_measure)
+
+    prefer = sub.add_parser("prefer-reader", help="make napari open NIfTI, DICOM, NRRD/MHA and vendor OCT files "
+                            "with MedVision without asking which reader (writes napari's settings)")
+    prefer.add_argument("--pictures", action="store_true", help="also PNG/JPEG/TIFF and plain zarr")
+    prefer.set_defaults(run=_prefer_reader)
+
     models = sub.add_parser("models", help="list shipped and user models")
     models.add_argument("--modality", help="only models for this modality (CT, MR, OCT, fundus)")
     models.add_argument("--json", action="store_true", help="print the cards as JSON")
     models.add_argument("--markdown", action="store_true", help="print a Markdown table of the cards (docs/models.md)")
+    models.add_argument("--versions", metavar="ID", help="list the versions in this model's line (parents, fine-tunes)")
+    models.add_argument("--rollback", metavar="ID", help="make this version the current one of its line")
     models.set_defaults(run=_models)
+
+    from .cli_atlases import add_parser as add_atlases_parser
+
+    add_atlases_parser(sub)
+
+    bat = sub.add_parser("batch", help="run segment / synthesize / prompt over a cohort on Dask; resumable, "
+                         "a failed scan is an error row")
+    bat.add_argument("inputs", help="folder of scans (a file, zarr store or DICOM series each), glob, or CSV with a path column")
+    bat.add_argument("-o", "--output", required=True, help="output folder: a result per scan, results.csv")
+    bat.add_argument("--task", default="segment", choices=("segment", "synthesize", "prompt"))
+    bat.add_argument("--model", help="model id or checkpoint (segment: required)")
+    bat.add_argument("--scheduler", help="address of a running Dask scheduler, e.g. tcp://host:8786 (default: a "
+                                          "local cluster on this machine)")
+    bat.add_argument("--workers", type=int, help="local cluster workers (default: cores, one per 4 GiB)")
+    bat.add_argument("--example", nargs=2, action="append", metavar=("IMAGE", "MASK"),
+                     help="prompt: an example scan and its label map, for every scan; repeat for several")
+    bat.add_argument("--rtstruct", action="store_true", help="DICOM scans: write an RTSTRUCT beside the DICOM SEG")
+    bat.add_argument("--no-resume", action="store_true", help="recompute scans already done for the same input and model")
+    bat.add_argument("--device", default=None, help="cuda, mps or cpu on the workers (default: best available)")
+    bat.set_defaults(run=_batch)
 
     demo = sub.add_parser("demo", help="the quick-start job: open the sample CT, save it and a screenshot")
     demo.add_argument("-o", "--output", default="demo_output", help="folder for the result files")
@@ -163,19 +208,51 @@ def _segment(args) -> int:
     from .engine.progress import terminal_progress
     from .tasks.segment import segment
 
-    volume = io.load(args.input, **_series_option(args))
+    from .tasks.contrasts import contrasts_from_arguments
+
+    volume = contrasts_from_arguments(args) or io.load(args.input, **_series_option(args))
     labels = segment(volume, model=args.model, device=args.device, overlap=args.overlap,
                      progress=terminal_progress("segment "))
     io.save(labels, args.output)
     found = sorted(labels.labels[v] for v in set(int(x) for x in _unique(labels.data)) if v in labels.labels)
     print(f"wrote {args.output}: {len(found)} structures found ({', '.join(found)})")
+    from .cli_atlases import print_atlas_use
+
+    print_atlas_use(labels.meta)
+    for region, ml in labels.meta.get("volumes_ml", {}).items():
+        print(f"  {region}: {ml} mL")
+    return 0
+
+
+def _prefer_reader(args) -> int:
+    from ._napari.reader_preference import prefer_medvision_reader
+
+    patterns = prefer_medvision_reader(pictures=args.pictures)
+    print(f"napari now opens {', '.join(sorted(patterns))} with MedVision")
+    return 0
+
+
+def _measure(args) -> int:
+    from . import io
+    from .tasks.measure import measure, measure_csv
+
+    labels = io.load(args.labels)
+    image = io.load(args.image) if args.image else None
+    reference = io.load(args.reference) if args.reference else None
+    text = measure_csv(measure(labels, image=image, reference=reference))
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as f:
+            f.write(text)
+        print(f"wrote {args.output}")
+    else:
+        print(text, end="")
     return 0
 
 
 def _finetune(args) -> int:
     from . import io
     from .engine.progress import terminal_progress
-    from .tasks.finetune import ANCHOR, finetune
+    from .tasks.finetune import ANCHOR, FinetuneOptions, finetune
 
     if len(args.labels) != len(args.image):
         raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels: give one label map per image")
@@ -191,10 +268,13 @@ def _finetune(args) -> int:
     labels = [io.load(path) for path in args.labels]
     for volume, path in zip(images + labels, args.image + args.labels):
         volume.meta.setdefault("name", Path(path).name)
-    card = finetune(args.model, images=images, labels=labels, slices=slices, steps=args.steps,
-                    time_budget_s=args.time_budget, device=args.device, freeze_encoder=args.freeze_encoder,
-                    anchor=ANCHOR if args.anchor is None else args.anchor, seed=args.seed, new_id=args.new_id,
-                    progress=terminal_progress("finetune "))
+    corrected = [x.strip() for x in args.corrected_labels.split(",") if x.strip()] if args.corrected_labels else None
+    options = FinetuneOptions(
+        method=args.method, steps=args.steps, time_budget_s=args.time_budget, device=args.device,
+        freeze_encoder=args.freeze_encoder, anchor=ANCHOR if args.anchor is None else args.anchor, seed=args.seed,
+        new_id=args.new_id, corrected_labels=corrected, guard=not args.no_guard)
+    # a refusal by the guard is a ValueError: one line with the figures, exit status 2, parent kept
+    card = finetune(args.model, images, labels, slices, options, progress=terminal_progress("finetune "))
     print(f"saved model {card.id} in {card.weights_path.parent} ({card.training['steps']} steps, "
           f"{card.training['wall_time_s']} s)")
     for name, value in card.metrics.items():
@@ -264,6 +344,16 @@ def _unique(data):
 def _models(args) -> int:
     from . import models
 
+    if args.rollback:
+        chosen = models.rollback(args.rollback)
+        print(f"{chosen} is now the current version of {models.versions(chosen)[0]['id']}'s line")
+        return 0
+    if args.versions:
+        for v in models.versions(args.versions):
+            gain = "" if v["gain"] is None else f" gain {v['gain']:+.3f}"
+            print(f"{'*' if v['current'] else ' '} {v['id']:36s} {v['source']:8s} parent {v['parent'] or '-'}"
+                  f" {v['date'] or ''}{gain}")
+        return 0
     cards = models.available(modality=args.modality)
     if args.json:
         print(json.dumps([c.to_json() for c in cards]))
@@ -280,24 +370,50 @@ def _models(args) -> int:
 
 
 def _markdown_index(cards) -> str:
-    """One row per model: what it segments, how it was trained, what it scored on held-out data."""
-    lines = ["| model | modality | labels | trained on | held-out metrics | training |", "|---|---|---|---|---|---|"]
+    """One short row per model, for docs/models.md; the card keeps the full figures."""
+    lines = ["| model | what it does | modality | headline, on real data it never saw | trained on | licence |",
+             "|---|---|---|---|---|---|"]
     for card in cards:
-        metrics = "; ".join(f"{name}: {_short_metric(value)}" for name, value in card.metrics.items()
-                            if name != "per_image")
-        training = card.training or {}
-        lines.append(
-            f"| `{card.id}` ({card.architecture.get('name')}) | {card.modality} | {', '.join((card.labels or {}).values())} "
-            f"| {training.get('data', '')} | {metrics} | {training.get('device', '')}, {training.get('steps', '?')} steps, "
-            f"{training.get('wall_time_s', '?')} s |")
+        training, metrics = card.training or {}, card.metrics or {}
+        headline = metrics.get("headline") or next(
+            (f"{name}: {_short_metric(value)}" for name, value in metrics.items() if name != "per_image"), "")
+        cells = [f"`{card.id}`", _short_metric(card.description, first_clause=True), card.modality,
+                 _short_metric(headline), _short_metric(training.get("summary") or training.get("data", "")),
+                 _short_metric(card.license)]
+        lines.append("| " + " | ".join(cell.replace("|", "\\|") for cell in cells) + " |")
     return "\n".join(lines)
 
 
-def _short_metric(value) -> str:
+def _short_metric(value, words: int = 25, first_clause: bool = False) -> str:
+    """A table cell: floats to 3 decimals, text cut to `words` words (and to its first clause if asked)."""
+    if isinstance(value, float):
+        return f"{value:.3f}"
     if isinstance(value, dict):
-        return ", ".join(f"{k} ({_short_metric(v)})" if isinstance(v, dict) else f"{k} {_short_metric(v)}"
-                         for k, v in value.items())
-    return f"{value:.3f}" if isinstance(value, float) else str(value)
+        value = ", ".join(f"{k} ({_short_metric(v, words)})" if isinstance(v, dict) else f"{k} {_short_metric(v, words)}"
+                          for k, v in value.items())
+    text, depth = str(value), 0
+    for i, ch in enumerate(text if first_clause else ""):
+        depth += (ch == "(") - (ch == ")")
+        if depth == 0 and text[i:i + 2] in ("; ", ": "):
+            text = text[:i]
+            break
+    cut = text.split()
+    return " ".join(cut[:words]) + (" …" if len(cut) > words else "")
+
+
+def _batch(args) -> int:
+    from .batch import batch
+    from .engine.progress import terminal_progress
+
+    options = {"examples": [tuple(pair) for pair in args.example]} if args.example else {}
+    result = batch(args.inputs, args.output, task=args.task, model=args.model, scheduler=args.scheduler,
+                   n_workers=args.workers, resume=not args.no_resume, rtstruct=args.rtstruct, device=args.device,
+                   progress=terminal_progress("batch "), **options)
+    print(result)
+    for record in result.records:
+        if record["status"] == "error":
+            print(f"failed: {record['scan_id']}: {record['error']}", file=sys.stderr)
+    return 1 if result.failed else 0
 
 
 def _demo(args) -> int:

@@ -459,7 +459,7 @@ def test_shipped_mvg_loads_through_the_registry(brain):
 
 def test_shipped_mvg_denoises_a_real_low_dose_ct(data_dir):
     """The named denoise-ct task on real CT it never trained on (TotalSegmentator slices 20-29, 3 mm),
-    scored as docs/synthesis.md reports it: clearer than the noisy input, and structurally closer to
+    scored as docs/evaluation/synthesis-mvg.md reports it: clearer than the noisy input, and structurally closer to
     the truth than the grey-level map read off the same prompt pair."""
     if "mvg-generalist" not in [card.id for card in mv.models.available()]:
         pytest.skip("mvg-generalist is not shipped in weights/ yet (its recipe is recipes/mvg_generalist.py)")

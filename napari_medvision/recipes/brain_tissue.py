@@ -54,11 +54,11 @@ def phantoms(seeds, template, random_contrasts: int = 0, shape=PHANTOM_SHAPE, sk
                                     template=template)
         label_ids = np.asarray(label.data).astype(np.int64)
         raw = [np.asarray(contrasts[contrast].data)]
-        # Spin-echo phantoms alone taught the model where tissues sit in the intensity range
-        # (white matter ~0.38 under bright scalp fat), which fails on a T1 template where white
-        # matter is brightest (WM Dice 0.01-0.22 in three runs); random contrasts remove that cue.
-        # Ordered as T1 or T2/PD scans order the brain tissues (everything else random): fully random
-        # orders left the CPU-sized model at WM 0.47 / GM 0.28 on the template after 1800 steps.
+        # Spin-echo phantoms alone teach the model where tissues sit in the intensity range
+        # (white matter dim, below bright scalp fat), which fails on a T1 template where white
+        # matter is brightest; random contrasts remove that cue. Ordered as T1 or T2/PD scans
+        # order the brain tissues (everything else random): with fully random orders a CPU-sized
+        # model learns white and grey matter on the template far worse.
         raw += [random_contrast(label.meta["fractions"], seed * 100 + k, order=("T1", "T2")[(seed + k) % 2])
                 for k in range(random_contrasts)]
         pairs = [(image, label_ids) for image in raw]
@@ -74,8 +74,8 @@ def skull_strip(image: np.ndarray, label_ids: np.ndarray, rng) -> tuple[np.ndarr
     """The image with everything outside the brain mask at 0, as brain-extraction tools leave it.
 
     Why: many brain MRs reach a tissue classifier already skull-stripped (the MNI152 template in
-    the shared data is: 78 % of its voxels are 0). Trained on whole heads only, the model took the
-    cortex next to a black background for background (template GM Dice 0.45-0.51). The mask is the
+    the shared data is: 78 % of its voxels are 0). Trained on whole heads only, a model takes the
+    cortex next to a black background for background. The mask is the
     CSF/GM/WM label, holes filled, eroded by 0-2 voxels so that the CSF rim left varies.
     """
     from scipy import ndimage as ndi

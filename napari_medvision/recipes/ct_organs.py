@@ -15,7 +15,7 @@ choose, a gap of slices between) and two more unseen phantoms.
         --batch-size 8 --phantoms 40 --real-share 0.15 --train-patch 32,80,80 \
         --init run3/ct-abdomen-organs-3d.safetensors   # the shipped model
 
-The first three on one CPU core, the last on one H100; from the third on, training sees the
+The first three on one CPU core, the last on a GPU; from the third on, training sees the
 inference window's 240 mm of anatomy (the first two 192 mm crops, cheaper on a CPU).
 """
 
@@ -145,7 +145,7 @@ def real_ct_metrics(network, real: np.ndarray, labels: np.ndarray, device: str) 
     model was trained on, share its windows and give it the anatomy above and below."""
     alone = real_slab_metrics(predict(network, real[:, REAL_HELD_OUT], device), labels[REAL_HELD_OUT])
     # at mv.segment's overlap, so the card gives the number a user gets (thin organs such as the
-    # aorta moved by 0.06 between overlaps 0.25 and 0.5)
+    # aorta score noticeably differently at overlaps 0.25 and 0.5)
     from ..tasks.segment import SEGMENT_OVERLAP
 
     whole = real_slab_metrics(predict(network, real, device, overlap=SEGMENT_OVERLAP)[REAL_HELD_OUT],

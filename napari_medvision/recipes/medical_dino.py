@@ -17,17 +17,14 @@ are cut along all three axes, label maps skipped) plus synthetic CT/MR/OCT/fundu
 ``napari_medvision.synthetic``. No labels are used; ``--hold-out`` files are kept out for the
 evaluation (label transfer from one slice to the others by nearest class mean, Dice).
 
-STATUS: shipped at CPU scale (2026-11-23): ``--preset cpu --steps 1800 --batch-size 32 --threads 1``
-(a 4-block ViT-Ti/8, 64 / 32 px crops, 57 minutes on one core). On the held-out real CT its
-features raise the prompt's appearance head above a random ViT of the same shape (organs, 1 / 2 /
-3 painted slices: 0.798 / 0.902 / 0.913 against 0.785 / 0.837 / 0.889; the card and
-docs/prompting.md). Two earlier runs had learnt nothing: on an H100 shared with three other
-recipes (``--batch-size 128 --time-budget 330``, 400 steps) and in a one-core CPU check, DINO's
-learning rate for 100-epoch runs (5e-4 per 256 images) with 65536 / 4096 prototypes left both
-losses at ln K, the uniform output. At 1e-3, 256 / 128 prototypes and a faster teacher
-(``DinoConfig.cpu``) both fell below ln K within a few hundred steps. A GPU run should redo it
-with the full 12 blocks at 224 px, as long as the GPU allows (with more loader workers, and
-probably the learning rate and prototype count of the CPU preset rather than DINO's defaults):
+The shipped model is the CPU preset: ``--preset cpu --steps 1800 --batch-size 32 --threads 1``
+(a 4-block ViT-Ti/8, 64 / 32 px crops, about an hour on one core). On the held-out real CT its
+features lift the prompt's appearance head above a random ViT of the same shape (figures on the
+card and in docs/evaluation/prompting.md). DINO's learning rate for 100-epoch runs (5e-4 per 256
+images) with 65536 / 4096 prototypes leaves both losses at ln K, the uniform output, on short
+runs; the CPU preset's higher rate, fewer prototypes and faster teacher (``DinoConfig.cpu``) do
+not. A GPU run would use the full 12 blocks at 224 px, as long as the GPU allows (with more loader
+workers, and probably the learning rate and prototype count of the CPU preset):
 
     python -m napari_medvision.recipes.medical_dino --steps 60000 --batch-size 128 --workers 14 --out weights
 
@@ -80,7 +77,7 @@ class DinoConfig:
     clip_grad: float = 3.0
     depth: int | None = None  # None: the full 12 blocks
     # DINOv2's Sinkhorn-Knopp teacher (each prototype used equally often in a batch) instead of
-    # DINO's running centre, which let the first GPU run collapse to a uniform output.
+    # DINO's running centre, which can let a short run collapse to a uniform output.
     sinkhorn: bool = True
     freeze_last_layer: float = 0.05  # share of the run with the prototypes fixed (DINO's first epoch)
 
@@ -93,9 +90,9 @@ class DinoConfig:
     def cpu(cls) -> "DinoConfig":
         """What one CPU core can train in about an hour (``--preset cpu``, batch 32).
 
-        The first CPU check (DINO's lr of 5e-4 per 256 images, 6e-5 at batch 32, 4096 prototypes)
-        never left ln K; at 1e-3, 256 / 128 prototypes and a faster teacher (momentum from 0.99)
-        both losses fell below ln K within 600 steps (DINO 5.41 < 5.55, iBOT 4.51 < 4.85).
+        With DINO's lr of 5e-4 per 256 images (6e-5 at batch 32) and 4096 prototypes the losses
+        stay at ln K; at 1e-3 (8e-3 per 256), 256 / 128 prototypes and a faster teacher (momentum
+        from 0.99) both fall below ln K within a few hundred steps.
         """
         return cls(global_size=64, local_size=32, n_local=2, prototypes=256, patch_prototypes=128,
                    head_hidden=512, bottleneck=128, depth=4, lr=8e-3, momentum=(0.99, 1.0),

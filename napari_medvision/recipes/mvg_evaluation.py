@@ -1,4 +1,4 @@
-"""Held-out evaluation of an MVG network against plain baselines, with pictures for docs/synthesis.md.
+"""Held-out evaluation of an MVG network against plain baselines, with pictures for docs/evaluation/synthesis-mvg.md.
 
 Nothing here was trained on: simulated MR subjects 1000-1002 (the recipe trains on 100-109), the
 real CT's slices 20-29 and the DICOM CT phantom (denoising, organs), DRIVE 36-40, OCT B-scan 0002.

@@ -11,10 +11,9 @@ scales; volumes are segmented B-scan by B-scan.
 
     python -m napari_medvision.recipes.oct_layers --steps 1600 --time-budget 2500 --threads 1 --seed 1
     python -m napari_medvision.recipes.oct_layers --device cuda --steps 30000 --time-budget 300 \
-        --batch-size 16 --phantoms 48 --seed 1   # the shipped model, on one H100
+        --batch-size 16 --phantoms 48 --seed 1   # the shipped model, on a GPU
 
-(on the CPU seeds 0 and 1 were run, and seed 1 had the better validation score; the GPU run's
-was higher still).
+(seed 1 is the one with the better validation score of seeds 0 and 1).
 """
 
 from __future__ import annotations
@@ -33,9 +32,8 @@ from .common import window_probabilities, new_network, prepare_run, print_every,
 MODEL_ID = "oct-retinal-layers-2d"
 PATCH = (256, 256)        # inference window
 # Training crops: 192 rows hold most of a real B-scan's layer stack (ILM to Bruch's membrane is
-# 236-328 rows), which tells layers of the same brightness apart by their order. With 128-pixel
-# crops the real held-out B-scan scored 0.456 (900 s) and 0.424 (2060 s, 3400 steps), with 192
-# 0.506 and 0.554 (seeds 0 and 1; 1600 steps in about 2200 s; 2026-11-24, one CPU thread). The
+# 236-328 rows), which tells layers of the same brightness apart by their order; 128-pixel crops
+# score clearly lower on the held-out real B-scan, even trained longer (docs/evaluation/models-history.md). The
 # ViT position embedding interpolates to the inference window.
 TRAIN_PATCH = (192, 192)
 NORMALISATION = {"kind": "percentile", "low": 0.5, "high": 99.8}

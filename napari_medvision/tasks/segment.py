@@ -23,21 +23,35 @@ def segment(
     progress: Optional[ProgressFn] = None,
     cancel: Optional[CancelToken] = None,
     compile: bool = False,
+    network=None,
 ) -> Volume:
     """Labels Volume (names from the model card) on ``volume``'s grid; the input is never changed.
 
+    volume: an image; for a multi-contrast model (e.g. ``mr-brain-tumour-3d``) one image or a dict of
+        them, ``{"flair": flair, "t1c": t1c}``, any subset (see :mod:`.contrasts`).
     model: a model id from ``mv.models.available()``, a path to a checkpoint with its card, or a card.
     device: "cuda", "mps" or "cpu"; default the best available.
     overlap: fraction of the sliding window shared by neighbouring tiles.
+    network: the model already loaded on ``device`` (a cohort run loads it once per worker).
     """
     from ..engine.device import resolve_device
     from ..engine.inference import predict_labels
     from ..models.registry import get_card, load_model
+    from .atlas_segment import segment_if_atlas_backed
 
+    # An atlas set's name, or a model with atlas sets: registered real scans + the network (tasks.atlas_segment)
+    atlas_result = segment_if_atlas_backed(volume, model, device, progress, cancel)
+    if atlas_result is not None:
+        return atlas_result
     card = get_card(model)
+    if isinstance(volume, dict) or card.input.get("contrasts"):  # several MR contrasts: tasks.contrasts
+        from .contrasts import segment_multicontrast
+
+        return segment_multicontrast(volume, card, device, overlap, batch_size, progress, cancel, network)
     _check_input(volume, card)
     device = resolve_device(device)
-    network, card = load_model(card, device=device)
+    if network is None:
+        network, card = load_model(card, device=device)
     if card.architecture.get("name") == "appearance-head":  # a prompting head: pixel features, slice by slice
         from .prompting.head import segment_with_head
 

@@ -63,6 +63,7 @@ class MetricsWidget(QWidget):
         self.copy_button = QPushButton("Copy as CSV")
         self.copy_button.setToolTip("copy the table to the clipboard as comma-separated values")
         self.copy_button.setEnabled(False)
+        self.setMinimumWidth(560)  # room for every column of the table without scrolling
         layout = QVBoxLayout(self)
         layout.addLayout(form)
         layout.addWidget(self.runner)

@@ -1,6 +1,6 @@
 """Prompt panel: an image plus a few painted slices (or example scans with masks) -> new Labels layer.
 
-The panel calls ``tasks.prompt.prompt`` in a worker thread and shows the result as a layer of its
+The panel calls ``tasks.prompting.prompt`` in a worker thread and shows the result as a layer of its
 own; the user's image and labels layers are only read. With "update while I paint" on, painting
 one more slice updates the result after a short pause in two steps: first a preview that redoes
 only the slabs next to the new slice with the previous head and choice (``prompt(previous=...)``,
@@ -25,6 +25,7 @@ from qtpy.QtWidgets import (
     QHBoxLayout,
     QListWidget,
     QPushButton,
+    QSizePolicy,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
@@ -133,8 +134,10 @@ class PromptWidget(QWidget):
         self._last = None  # the Volume behind self._result, which a preview starts from
         self._pending = False  # a paint arrived while a run was going, or a preview wants its checked run
 
+        self._add_tooltips()
+        self._show_page(0)
         self.runner.run_button.clicked.connect(self.run)
-        self.mode_box.currentIndexChanged.connect(self.pages.setCurrentIndex)
+        self.mode_box.currentIndexChanged.connect(self._show_page)
         self.annotations_box.currentTextChanged.connect(self._watch_annotations)
         self.add_example_button.clicked.connect(self.add_example)
         self.remove_example_button.clicked.connect(self.remove_example)
@@ -143,6 +146,32 @@ class PromptWidget(QWidget):
             event.connect(self._refresh_layers)
         self._refresh_layers()
         self._refresh_models()
+
+    def _add_tooltips(self) -> None:
+        tips = {
+            self.image_box: "the scan to segment",
+            self.mode_box: "painted slices: paint a few slices of the structure in a Labels layer on this scan; "
+                           "example scans: other scans with their label maps, registered onto this one",
+            self.annotations_box: "a Labels layer on the same grid with a few slices painted (one label per "
+                                  "structure); unpainted slices are filled in",
+            self.example_image_box: "an example scan (any grid; it is registered onto the image)",
+            self.example_labels_box: "the example scan's label map, on the example's grid",
+            self.model_box: "features the appearance head learns from: image intensities only, or a DINO "
+                            "backbone (shipped, or an official DINOv2/DINOv3 checkpoint file)",
+            self.device_box: "where the work runs; auto picks a GPU when there is one",
+            self.auto_update: f"re-run {UPDATE_DELAY_MS / 1000:.1f} s after the last brush stroke: a preview "
+                              "first (about a second), then the full result",
+        }
+        for widget, tip in tips.items():
+            widget.setToolTip(tip)
+
+    def _show_page(self, index: int) -> None:
+        """Show one mode's fields; the hidden page takes no room (the panel keeps no empty area)."""
+        for i in range(self.pages.count()):
+            policy = QSizePolicy.Policy.Preferred if i == index else QSizePolicy.Policy.Ignored
+            self.pages.widget(i).setSizePolicy(policy, policy)
+        self.pages.setCurrentIndex(index)
+        self.pages.adjustSize()
 
     # --- choices ---------------------------------------------------------------------------
     def _layer(self, name: str, kind: type) -> Optional[Layer]:

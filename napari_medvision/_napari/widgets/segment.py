@@ -8,10 +8,13 @@ import napari
 from napari.layers import Image, Layer
 from qtpy.QtWidgets import QComboBox, QDoubleSpinBox, QFormLayout, QVBoxLayout, QWidget
 
-from ... import models
+from ... import atlases, models
 from ...tasks.segment import segment
 from ..layers import METADATA_KEY, layer_to_volume, volume_to_layer
+from ._atlas_controls import AtlasControls
+from ._contrast_pickers import ContrastPickers
 from ._layer_choice import chosen_layer, refill
+from ._model_choice import fill_models, watch_models
 from ._task_runner import TaskRunner
 
 
@@ -49,8 +52,12 @@ class SegmentWidget(QWidget):
         form = QFormLayout()
         form.addRow("image", self.layer_box)
         form.addRow("model", self.model_box)
+        self.contrasts = ContrastPickers(self.viewer, self._image_names)  # multi-contrast models only
+        form.addRow(self.contrasts)
         form.addRow("device", self.device_box)
         form.addRow("tile overlap", self.overlap)
+        self.atlas_controls = AtlasControls(self.viewer, self._atlas_added)  # atlases of the model
+        form.addRow(self.atlas_controls)
         self.runner = TaskRunner("Segment")
         layout = QVBoxLayout(self)
         layout.addLayout(form)
@@ -58,25 +65,45 @@ class SegmentWidget(QWidget):
         layout.addStretch(1)
         self.runner.run_button.clicked.connect(self.run)
         self.layer_box.currentTextChanged.connect(self._refresh_models)
+        self.model_box.currentIndexChanged.connect(self._show_contrasts)
+        self.model_box.currentIndexChanged.connect(lambda *_: self.atlas_controls.show_model(self.model_box.currentData()))
         for event in (self.viewer.layers.events.inserted, self.viewer.layers.events.removed):
             event.connect(self._refresh_layers)
         self._refresh_layers()
+        watch_models(self, self._refresh_models)  # a model saved or removed anywhere shows here at once
 
     def selected_layer(self) -> Image | None:
         return chosen_layer(self.viewer, self.layer_box)
 
     def _refresh_layers(self, *_: Any) -> None:
-        refill(self.layer_box, [layer.name for layer in self.viewer.layers if isinstance(layer, Image)])
+        refill(self.layer_box, self._image_names())
+        self.contrasts.refresh()
+        self.atlas_controls.refresh()
         self._refresh_models()
+
+    def _image_names(self) -> list[str]:
+        return [layer.name for layer in self.viewer.layers if isinstance(layer, Image)]
+
+    def _show_contrasts(self, *_: Any) -> None:
+        model_id = self.model_box.currentData()
+        card = next((c for c in models.available(task="segmentation") if c.id == model_id), None)
+        contrasts = list(card.input.get("contrasts", [])) if card else []
+        self.contrasts.set_contrasts(contrasts, self.layer_box.currentText())
 
     def _refresh_models(self, *_: Any) -> None:
         layer = self.selected_layer()
         modality = _modality(layer) if layer is not None else None
         cards = models.available(task="segmentation")
         fitting = [c for c in cards if modality is None or c.modality.lower() == modality.lower()]
-        self.model_box.clear()
-        for card in fitting or cards:
-            self.model_box.addItem(f"{card.id} ({card.source})", card.id)
+        fill_models(self.model_box, fitting or cards)  # keeps the user's choice while it is listed
+        for atlas in atlases.available(modality):  # atlas sets that segment alone
+            if not atlas.models:
+                self.model_box.addItem(f"{atlas.name} (atlas set, {atlas.source})", atlas.name)
+        self.atlas_controls.show_model(self.model_box.currentData())
+
+    def _atlas_added(self, name: str) -> None:
+        self._refresh_models()
+        self.model_box.setCurrentIndex(max(0, self.model_box.findData(name)))
 
     def run(self) -> None:
         layer = self.selected_layer()
@@ -85,6 +112,11 @@ class SegmentWidget(QWidget):
             self.runner.status.setText("choose an image layer and a model first")
             return
         volume = image_volume(layer)
+        if self.contrasts.isVisibleTo(self):  # the model takes several contrasts: one layer each
+            volume = self.contrasts.volumes(image_volume)
+            if not volume:
+                self.runner.status.setText("choose a layer for at least one contrast")
+                return
         device = self.device_box.currentText()
         self.runner.start(
             segment, lambda result: self._add_result(result, layer, model_id),

@@ -31,6 +31,7 @@ from ...tasks.synthesis_tasks import TASKS, task_names
 from ...tasks.synthesize import DEFAULT_MODEL, synthesize
 from ..layers import volume_to_layer
 from ._layer_choice import chosen_layer, refill
+from ._model_choice import fill_models, watch_models
 from ._task_runner import TaskRunner
 from .prompt import labels_volume
 from .segment import devices, image_volume
@@ -66,7 +67,7 @@ class SynthesisWidget(QWidget):
         self.task_box = QComboBox()
         self.task_box.addItem(EXAMPLES, None)
         for name in task_names():
-            self.task_box.addItem(name, name)
+            self.task_box.addItem(f"{name} (simulated)" if TASKS[name].simulated else name, name)
             self.task_box.setItemData(self.task_box.count() - 1, TASKS[name].description, Qt.ToolTipRole)
         self.task_help = QLabel("")
         self.task_help.setWordWrap(True)
@@ -110,7 +111,7 @@ class SynthesisWidget(QWidget):
         top.addRow("synthesize", self.task_box)
         bottom = QFormLayout()
         bottom.addRow("device", self.device_box)
-        bottom.addRow("steps", self.steps)
+        bottom.addRow("chunks", self.steps)
         bottom.addRow("z-consistency", self.consistency)
         self.runner = TaskRunner("Synthesize")
         layout = QVBoxLayout(self)
@@ -129,6 +130,7 @@ class SynthesisWidget(QWidget):
             event.connect(self._refresh_layers)
         self.add_pair()
         self._refresh_models()
+        watch_models(self, self._refresh_models)  # models saved or removed anywhere show at once
         self._task_chosen()
 
     # --- choices ---------------------------------------------------------------------------
@@ -141,13 +143,10 @@ class SynthesisWidget(QWidget):
             refill(row.image_box, images)
             refill(row.target_box, images + labels)
 
-    def _refresh_models(self) -> None:
-        self.model_box.clear()
-        for card in models.available(task="synthesis"):
-            self.model_box.addItem(f"{card.id} ({card.source})", card.id)
-        default = self.model_box.findData(DEFAULT_MODEL)
-        if default >= 0:
-            self.model_box.setCurrentIndex(default)
+    def _refresh_models(self, *_: Any) -> None:
+        # the user's choice stays while it is listed; the default model otherwise
+        fill_models(self.model_box, models.available(task="synthesis"),
+                    prefer=self.model_box.currentData() or DEFAULT_MODEL)
 
     def _task_chosen(self, *_: Any) -> None:
         task = self.task_box.currentData()
