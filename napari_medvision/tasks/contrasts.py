@@ -19,7 +19,8 @@ import torch
 from ..engine.orientation import back_to_input_layout, in_model_layout, model_layout
 from ..engine.progress import CancelToken, ProgressFn, check, report
 from ..engine.resample import grid_shape, labels_from_probabilities, resample_linear
-from ..volume import Volume, to_itk_geometry
+from ..volume import Volume
+from .prompting.register import to_sitk
 
 # What users call each contrast -> the name model cards use.
 CONTRAST_ALIASES = {
@@ -104,17 +105,9 @@ def on_first_grid(contrasts: dict[str, Volume]) -> tuple[Volume, dict[str, np.nd
 def _resample_onto(moving: Volume, reference: Volume) -> np.ndarray:
     import SimpleITK as sitk
 
-    def itk(volume: Volume, array) -> "sitk.Image":
-        image = sitk.GetImageFromArray(np.ascontiguousarray(array, dtype=np.float32))
-        spacing, origin, direction = to_itk_geometry(volume)
-        image.SetSpacing(spacing)
-        image.SetOrigin(origin)
-        image.SetDirection(direction)
-        return image
-
     moving_array = np.asarray(moving.data, dtype=np.float32)
-    ref = itk(reference, np.zeros(reference.spatial_shape, dtype=np.float32))
-    out = sitk.Resample(itk(moving, moving_array), ref, sitk.Transform(), sitk.sitkLinear,
+    ref = to_sitk(reference, np.zeros(reference.spatial_shape, dtype=np.float32))
+    out = sitk.Resample(to_sitk(moving, moving_array), ref, sitk.Transform(), sitk.sitkLinear,
                         float(moving_array.min()), sitk.sitkFloat32)
     return sitk.GetArrayFromImage(out)
 
