@@ -49,13 +49,18 @@ class SegmentWidget(QWidget):
         self.overlap.setRange(0.0, 0.9)
         self.overlap.setSingleStep(0.05)
         self.overlap.setValue(0.5)
+        self.layer_box.setToolTip("the image layer to segment (its modality picks the models offered)")
+        self.model_box.setToolTip("a shipped model, your fine-tuned versions, or an atlas set of your own")
+        self.device_box.setToolTip("where the network runs; auto picks a GPU when there is one")
+        self.overlap.setToolTip("share of each sliding window (0-0.9) that its neighbours also cover: "
+                                "more is smoother and slower")
         form = QFormLayout()
         form.addRow("image", self.layer_box)
         form.addRow("model", self.model_box)
         self.contrasts = ContrastPickers(self.viewer, self._image_names)  # multi-contrast models only
         form.addRow(self.contrasts)
         form.addRow("device", self.device_box)
-        form.addRow("tile overlap", self.overlap)
+        form.addRow("tile overlap (share)", self.overlap)
         self.atlas_controls = AtlasControls(self.viewer, self._atlas_added)  # atlases of the model
         form.addRow(self.atlas_controls)
         self.runner = TaskRunner("Segment")
