@@ -155,6 +155,19 @@ class FinetuneWidget(QWidget):
         self.guard.setChecked(True)
         self.new_id = QLineEdit()
         self.new_id.setPlaceholderText("<model>-ft-<date-time>")
+        tips = {
+            self.model_box: "the model to improve; the new version is saved apart, the parent is never changed",
+            self.image_box: "the image the corrections were drawn on",
+            self.labels_box: "a Labels layer with your corrected labels (copied when training starts)",
+            self.slices_edit: "indices along z of the slices you corrected, e.g. 12, 20, 31 (empty: every "
+                              "slice holding a label)",
+            self.steps: "optimiser steps at most (training updates; a few hundred take about a minute on a CPU)",
+            self.time_budget: "stop training after this many seconds (0: no limit)",
+            self.device_box: "where training runs; auto picks a GPU when there is one",
+            self.new_id: "the new model's id (letters, digits, '-' and '_')",
+        }
+        for widget, tip in tips.items():
+            widget.setToolTip(tip)
         slices_row = QHBoxLayout()
         slices_row.addWidget(self.slices_edit)
         slices_row.addWidget(self.mark_button)

@@ -83,7 +83,13 @@ class SynthesisWidget(QWidget):
         self.consistency.setSingleStep(0.1)
         self.consistency.setValue(0.7)
         self.consistency.setSuffix(" slices")
-        self.consistency.setToolTip("smoothing along z against slice-to-slice flicker (0: off)")
+        self.consistency.setToolTip("smoothing along z against slice-to-slice flicker, in slices (0: off)")
+        self.image_box.setToolTip("the image to turn into something else; it is only read")
+        self.model_box.setToolTip("the in-context generator used for example pairs and simulated tasks")
+        self.task_box.setToolTip("a named task, or 'examples from layers' to show an image and what it "
+                                 "should become")
+        self.mask_box.setToolTip("a Labels layer painted over the region to fill")
+        self.device_box.setToolTip("where the work runs; auto picks a GPU when there is one")
 
         self.pair_rows: list[PromptPairRow] = []
         self._pair_column = QVBoxLayout()
