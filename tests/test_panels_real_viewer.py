@@ -4,7 +4,7 @@ What a user sees is checked: the result layer on the input's grid, the model cho
 user set it, the progress bar full at the end, and a viewer that kept responding while the panel
 worked: a 20 ms timer on the GUI thread is timed until the result arrives (napari's own creation
 of the result layer, its shaders included, is not counted). The aim is 100 ms; the first run of a
-panel in a test session still reaches a few hundred ms, so the test holds the line at 1 s.
+panel in a test session still reaches 100-170 ms, so the test holds the line at 1 s.
 """
 
 from __future__ import annotations

@@ -10,6 +10,8 @@ from __future__ import annotations
 import importlib
 from typing import Any, Callable
 
+import numpy as np
+from napari.layers import Labels
 from napari.qt.threading import create_worker
 from qtpy.QtCore import QObject, Signal
 from qtpy.QtWidgets import QHBoxLayout, QLabel, QProgressBar, QPushButton, QVBoxLayout, QWidget
@@ -38,6 +40,9 @@ def import_heavy_modules() -> None:
         return
     for name in HEAVY_MODULES:
         importlib.import_module(name)
+    # napari builds its label colour machinery on the first Labels layer of a session (about 0.5 s);
+    # a throwaway one here keeps that cost away from the moment a result arrives.
+    Labels(np.zeros((1, 1), dtype=np.uint8))
     _warmed = True
 
 
