@@ -16,6 +16,16 @@ def show_problem(message: str) -> None:
     _expand_toast_later(message)
 
 
+def show_notice(message: str) -> None:
+    """A warning notification in the viewer (a Python warning where napari is unavailable)."""
+    try:
+        from napari.utils.notifications import show_warning
+    except ImportError:  # pragma: no cover - napari is always there when this module runs
+        warnings.warn(message, stacklevel=2)
+        return
+    show_warning(message)
+
+
 def _expand_toast_later(message: str) -> None:
     """Open the error's toast to its whole text once napari has shown it.
 

@@ -9,12 +9,11 @@ second error, "returned no data").
 from __future__ import annotations
 
 import os
-import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 from .layers import LayerDataTuple, volume_to_layers
-from .notify import qt_app_running, show_problem
+from .notify import qt_app_running, show_notice, show_problem
 
 NOTHING_TO_SHOW: list = [(None,)]
 # Files looked at when deciding whether a folder is a DICOM series (keeps napari's open fast).
@@ -77,16 +76,6 @@ def _mark_pixel_spacing(path: Path, volumes, layers: list[LayerDataTuple]) -> No
         if len(layer) > 1 and isinstance(layer[1], dict):
             layer[1].setdefault("metadata", {})["spacing_unit"] = "pixel"
     show_notice(f"{Path(path).name}: the file gives no pixel size; distances and the voxel scale are in pixels, not mm")
-
-
-def show_notice(message: str) -> None:
-    """A warning notification in the viewer (a Python warning where napari is unavailable)."""
-    try:
-        from napari.utils.notifications import show_warning
-    except ImportError:  # pragma: no cover - napari is always there when this module runs
-        warnings.warn(message, stacklevel=2)
-        return
-    show_warning(message)
 
 
 def ask_series(path: Path, choices: list[str]) -> int | None:

@@ -31,6 +31,7 @@ from ...engine.progress import CancelToken, check
 from ...volume import Volume
 from .features import as_slices, intensity_features
 from .refine import AppearanceHead
+from .runs import overlap_per_class, pooled_dice
 
 # Pixels; DRIVE vessels are 1-10 px wide at 565 x 584. The intensity features hold the Hessian at
 # 1 and 2 px; these scales add the rest.
@@ -201,15 +202,6 @@ def label_map(prob: np.ndarray, fov: np.ndarray, threshold: Optional[float]) -> 
     return out
 
 
-def overlap(pred: np.ndarray, truth: np.ndarray, n_classes: int) -> dict[int, tuple[int, int]]:
-    out = {}
-    for k in range(1, n_classes):
-        p, t = pred == k, truth == k
-        if p.any() or t.any():
-            out[k] = (2 * int((p & t).sum()), int(p.sum()) + int(t.sum()))
-    return out
-
-
 def leave_one_out(prepared, heads, n_classes: int, cancel: Optional[CancelToken] = None):
     """``{threshold: [per-fold overlaps]}``: each example predicted by the others' heads.
 
@@ -222,19 +214,13 @@ def leave_one_out(prepared, heads, n_classes: int, cancel: Optional[CancelToken]
         check(cancel)
         prob = mean_probability([h for i, h in enumerate(heads) if i != j], features)
         for t in keys:
-            folds[t].append(overlap(label_map(prob, fov, t), np.where(fov, classes, 0), n_classes))
+            folds[t].append(overlap_per_class(label_map(prob, fov, t), np.where(fov, classes, 0), n_classes))
     return folds
 
 
 def pooled(folds) -> Optional[float]:
     """Mean over labels of Dice pooled over the folds."""
-    sums: dict[int, list[int]] = {}
-    for fold in folds:
-        for k, (inter, total) in fold.items():
-            acc = sums.setdefault(k, [0, 0])
-            acc[0] += inter
-            acc[1] += total
-    values = [inter / total for inter, total in sums.values() if total]
+    values = list(pooled_dice(folds).values())
     return float(np.mean(values)) if values else None
 
 
