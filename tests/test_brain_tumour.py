@@ -18,7 +18,7 @@ import napari_medvision as mv  # noqa: E402
 from napari_medvision.cli import main as cli  # noqa: E402
 from napari_medvision.models.card import ModelCard  # noqa: E402
 from napari_medvision.models.transunet import PRESETS_3D  # noqa: E402
-from napari_medvision.recipes import brain_tumour  # noqa: E402
+from napari_medvision.recipes import brain_tumour, brain_tumour_training  # noqa: E402
 from napari_medvision.tasks.contrasts import ContrastError, contrast_name  # noqa: E402
 from napari_medvision.volume import Volume  # noqa: E402
 
@@ -182,7 +182,7 @@ def test_segment_panel_offers_a_layer_per_contrast(make_napari_viewer, qtbot, da
 
 def test_training_drops_contrasts_and_the_card_averages_the_folds(tmp_path):
     rng = np.random.default_rng(0)
-    kept = [tuple(np.flatnonzero(brain_tumour.contrast_dropout(rng, np.ones((2, 4, 4, 4), np.float32)).any((1, 2, 3))))
+    kept = [tuple(np.flatnonzero(brain_tumour_training.contrast_dropout(rng, np.ones((2, 4, 4, 4), np.float32)).any((1, 2, 3))))
             for _ in range(200)]
     assert set(kept) == {(0, 1), (0,), (1,)}  # never both contrasts missing
     for k, dice in enumerate((0.6, 0.8)):
@@ -193,3 +193,38 @@ def test_training_drops_contrasts_and_the_card_averages_the_folds(tmp_path):
     mean = next(v for k, v in metrics.items() if k.startswith("dice, leave-one-patient-out"))
     assert mean["flair + t1c"]["whole tumour"] == pytest.approx(0.7, abs=1e-4)
     assert set(metrics["per_image"]) == {"patient0", "patient1"}
+
+
+def test_training_runs_from_prepared_arrays_alone(tmp_path):
+    """A GPU machine trains from the arrays ``--save-prepared`` wrote, without the scans or readers."""
+    rng = np.random.default_rng(0)
+    for name in brain_tumour_training.PATIENTS:
+        target = np.zeros((40, 40, 40), np.uint8)
+        target[14:26, 14:26, 14:26] = 2
+        target[17:23, 17:23, 17:23] = 3
+        image = rng.normal(size=(2, 40, 40, 40)).astype(np.float32) + (target > 0)
+        brain_tumour_training.save_prepared(tmp_path / "prepared", name, image, target)
+    results = tmp_path / "runs"
+    brain_tumour_training.main(["--prepared", str(tmp_path / "prepared"), "--folds", "1", "--final", "--steps", "2",
+                                "--preset", "tiny", "--workers", "2", "--device", "cpu", "--results", str(results)])
+    fold = json.loads((results / "fold1.train.json").read_text())
+    assert fold["steps"] == 2 and brain_tumour_training.PATIENTS[1] not in fold["trained_on"]
+    assert json.loads((results / "final.train.json").read_text())["trained_on"] == list(brain_tumour_training.PATIENTS)
+    assert (results / "final.safetensors").stat().st_size > 0
+
+
+def test_voxels_inside_the_enhancing_rim_become_tumour_core():
+    """A necrotic centre the network calls oedema is core where an enhancing rim encloses it."""
+    from napari_medvision.tasks.contrasts import fill_enclosed
+
+    labels = np.zeros((30, 30, 30), np.uint8)
+    labels[5:25, 5:25, 5:25] = 2  # oedema
+    zz, yy, xx = np.ogrid[:30, :30, :30]
+    r = np.sqrt((zz - 15) ** 2 + (yy - 15) ** 2 + (xx - 15) ** 2)
+    labels[(r >= 5) & (r < 7)] = 3  # enhancing rim
+    labels[0, 0, 0] = 3  # a stray enhancing voxel encloses nothing
+    out = fill_enclosed(labels, (1.0, 1.0, 1.0), rim=3, becomes=1, closing_mm=2.0)
+    assert (out[r < 5] == 1).all()  # the centre is core now
+    assert (out[r >= 7] == labels[r >= 7]).all()  # outside the rim nothing changes
+    assert (out == 3).sum() == (labels == 3).sum()
+    assert fill_enclosed(np.where(labels == 3, 2, labels).astype(np.uint8), (1, 1, 1), 3, 1).max() == 2

@@ -10,13 +10,22 @@ contrast is an expected input. Figures: leave-one-patient-out (fold k trains on 
 patients, for a fixed time, no checkpoint choice, and is tested on patient k at its 1 mm grid
 as ``mv.segment`` runs it); the shipped model trains on all four.
 
-    python -m napari_medvision.recipes.brain_tumour --folds 0 1 --time-budget 1560 --threads 1 --results folds
-    python -m napari_medvision.recipes.brain_tumour --folds 2 3 --time-budget 1560 --threads 1 --results folds
-    python -m napari_medvision.recipes.brain_tumour --folds --final --final-init folds/fold0.safetensors \
-        --final-budget 2280 --threads 1 --results folds      # the shipped model
+On a CPU (each fold trains, then is scored on its held-out patient; the shipped model last):
 
-The shipped model is fold 0's model continued on all four patients (two runs at a time fitted
-the shared 2-core CPU; a GPU run can train it from scratch with ``--final`` alone).
+    python -m napari_medvision.recipes.brain_tumour --folds 0 1 --time-budget 1200 --threads 1 --results folds
+    python -m napari_medvision.recipes.brain_tumour --folds 2 3 --time-budget 1200 --threads 1 --results folds
+    python -m napari_medvision.recipes.brain_tumour --folds --final --time-budget 2280 --threads 1 --results folds
+
+On a GPU machine, train from prepared arrays (``brain_tumour_training``: 6 MB instead of the scans),
+then score and ship here:
+
+    python -m napari_medvision.recipes.brain_tumour --save-prepared prepared
+    python -m napari_medvision.recipes.brain_tumour_training --prepared prepared --folds 0 1 2 3 --final \
+        --device cuda --preset small --batch-size 8 --workers 3 --time-budget 390 --results runs
+    python -m napari_medvision.recipes.brain_tumour --score-runs --ship --results runs
+
+Voxels enclosed by the predicted enhancing rim become tumour core (``ENCLOSED``; see
+``tasks.contrasts.fill_enclosed``), as BraTS annotators label a necrotic centre.
 """
 
 from __future__ import annotations
@@ -28,26 +37,20 @@ from pathlib import Path
 
 import numpy as np
 
-from .. import io
-from ..engine.sampling import PatchSampler
-from ..engine.training import TrainConfig, train_segmentation
 from ..models.card import ModelCard
 from ..tasks.contrasts import brain_box, brain_mask, model_input, region_masks, segment_contrasts
-from .common import data_dir, init_summary, prepare_run, print_every, recipe_arguments, save_shipped, training_summary
+from .brain_tumour_training import CONTRASTS, LABELS, PATIENTS, SUBSET_CHANCES, save_prepared, save_run, train_network
+from .common import data_dir, init_summary, prepare_run, recipe_arguments, save_shipped
 
 MODEL_ID = "mr-brain-tumour-3d"
 SPACING = (2.0, 2.0, 2.0)
 PATCH = (48, 64, 64)  # inference window
-TRAIN_PATCH = (32, 48, 48)  # training crops: cheaper on a CPU
-CONTRASTS = ("flair", "t1c")
-LABELS = {1: "necrotic / non-enhancing tumour core", 2: "oedema", 3: "enhancing tumour"}
 REGIONS = {"whole tumour": [1, 2, 3], "tumour core": [1, 3], "enhancing tumour": [3]}
+# Everything the enhancing rim encloses is tumour core (tasks.contrasts.fill_enclosed).
+ENCLOSED = {"rim": 3, "becomes": 1, "closing_mm": 4.0}
 BRATS_TO_OURS = np.array([0, 1, 2, 1, 3], dtype=np.uint8)  # BraTS 2013 ids 0-4 -> ours
-PATIENTS = ("brats_2013_pat0001_1", "brats_2013_pat0002_1", "brats_2013_pat0003_1", "brats_2013_pat0004_1")
 FILES = {"flair": "Flair_subtrMeanDivStd.nii.gz", "t1c": "T1c_subtrMeanDivStd.nii.gz"}
 SUBSETS = (("flair", "t1c"), ("flair",), ("t1c",))
-# Drop-out: the chance of each contrast subset in a training crop.
-SUBSET_CHANCES = ((("flair", "t1c"), 0.5), (("flair",), 0.3), (("t1c",), 0.2))
 LICENSE = ("CC BY-NC-SA 3.0 CH (training data: BraTS 2013 via the DeepMedic examples; non-commercial use only)")
 DATA = ("the four real BraTS 2013 glioma patients of the DeepMedic examples (BraTS 2015 training set; FLAIR and "
         "T1c, z-scored in the brain, manual OTMultiClass labels; Menze et al., IEEE TMI 2015; licence "
@@ -56,6 +59,8 @@ DATA = ("the four real BraTS 2013 glioma patients of the DeepMedic examples (Bra
 
 def patient(name: str) -> tuple[dict, np.ndarray]:
     """``({contrast: Volume}, BraTS 2013 label ids)`` of one patient as stored (1 mm, LPS)."""
+    from .. import io
+
     root = data_dir() / "mri_brain_tumour_brats2013" / name
     contrasts = {c: io.load(root / f) for c, f in FILES.items()}
     labels = np.asarray(io.load(root / "OTMultiClass.nii.gz").data).round().astype(np.uint8)
@@ -78,61 +83,8 @@ def prepared(name: str) -> tuple[np.ndarray, np.ndarray]:
     ours = BRATS_TO_OURS[labels]
     onehot = np.stack([ours == k for k in range(len(LABELS) + 1)]).astype(np.float32)
     target = resample_linear(onehot, shape).argmax(0).to(torch.uint8)
-    box = brain_box(brain, margin=4, minimum=TRAIN_PATCH)
+    box = brain_box(brain, margin=4, minimum=PATCH)
     return image[(slice(None), *box)].numpy(), target[box].numpy()
-
-
-def augment_intensity(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-    """Per contrast: gamma, scale, shift, a smooth multiplicative bias field, blur and noise.
-
-    Per channel by hand: MONAI's random intensity transforms draw one value for all channels, and
-    each contrast of a real scan varies on its own (scanner, sequence, bias field).
-    """
-    from scipy import ndimage as ndi
-
-    out = np.empty_like(x)
-    for c in range(x.shape[0]):
-        ch = x[c]
-        if rng.random() < 0.5:  # gamma on the channel's own range
-            lo, hi = float(ch.min()), float(ch.max())
-            if hi > lo:
-                ch = ((ch - lo) / (hi - lo)) ** rng.uniform(0.6, 1.6) * (hi - lo) + lo
-        ch = ch * rng.uniform(0.7, 1.35) + rng.uniform(-0.4, 0.4)
-        if rng.random() < 0.4:  # bias field: a low-order smooth multiplier
-            coarse = rng.normal(0.0, 0.12, size=(2, 3, 3))
-            field = ndi.zoom(coarse, np.array(ch.shape) / np.array(coarse.shape), order=1)
-            ch = ch * np.exp(field[tuple(slice(0, n) for n in ch.shape)])
-        if rng.random() < 0.2:
-            ch = ndi.gaussian_filter(ch, rng.uniform(0.3, 1.0))
-        if rng.random() < 0.3:
-            ch = ch + rng.normal(0.0, rng.uniform(0.02, 0.15), size=ch.shape)
-        out[c] = ch
-    return out.astype(np.float32)
-
-
-def contrast_dropout(rng: np.random.Generator, x: np.ndarray) -> np.ndarray:
-    """``x`` with the contrasts of a random subset kept and the others zero (a missing contrast)."""
-    subsets, chances = zip(*SUBSET_CHANCES)
-    keep = subsets[int(rng.choice(len(subsets), p=np.array(chances) / sum(chances)))]
-    for k, name in enumerate(CONTRASTS):
-        if name not in keep:
-            x[k] = 0.0
-    return x
-
-
-def training_batches(images, labels):
-    """``sample(rng, batch)`` for ``train_segmentation``: crops (70 % centred on a tumour class,
-    the rest anywhere in the brain box), flipped and turned, then intensity-augmented and with
-    contrasts dropped at random."""
-    sampler = PatchSampler(images, labels, TRAIN_PATCH, foreground_fraction=0.7, augment=True, flip_axes=(2,))
-
-    def sample(rng, batch_size):
-        x, y = sampler.sample(rng, batch_size)
-        for b in range(x.shape[0]):
-            x[b] = contrast_dropout(rng, augment_intensity(rng, x[b]))
-        return x, y
-
-    return sample
 
 
 def new_card(architecture: dict) -> ModelCard:
@@ -141,9 +93,10 @@ def new_card(architecture: dict) -> ModelCard:
         input={"spacing": list(SPACING), "normalisation": {"kind": "brain_zscore", "outside": -3.0,
                                                            "clip": [-5.0, 10.0]},
                "patch_size": list(PATCH), "channels": len(CONTRASTS), "contrasts": list(CONTRASTS),
-               "dims": 3, "orientation": "LPS", "regions": REGIONS},
+               "dims": 3, "orientation": "LPS", "regions": REGIONS, "enclosed": ENCLOSED},
         labels=dict(LABELS), sha256="", license=LICENSE,
-        description=("Glioma regions (BraTS: necrotic/non-enhancing core, oedema, enhancing tumour) on brain MR "
+        description=("Glioma regions (BraTS: necrotic/non-enhancing core, oedema, enhancing tumour) on skull-stripped "
+                     "or raw brain MR "
                      "from FLAIR and/or T1c (3D TransUNet); the result's meta gives whole tumour, tumour core and "
                      "enhancing tumour volumes in mL."),
     )
@@ -174,78 +127,131 @@ def held_out_scores(network, card, name: str, device: str) -> dict:
     return out
 
 
-def train_one(train_names, args, device: str, seed: int, init: Path | None = None, time_budget=None):
-    """A network trained on ``train_names`` for the time budget (from ``init``'s weights if given), its
-    card, and the training result."""
-    import torch
+def held_out_runs(results: Path) -> list[tuple[int, Path]]:
+    """``(fold, weights)`` of every fold run saved in ``results``."""
+    return [(int(p.name[4:].split(".")[0]), p) for p in sorted(results.glob("fold*.safetensors"))]
+
+
+def score_run(results: Path, fold: int, device: str) -> dict:
+    """Score fold ``fold``'s saved run on the patient it never saw; writes and returns ``fold<k>.json``."""
+    from safetensors.torch import load_file
 
     from ..models.registry import build_model
-    from .common import architecture_preset
 
-    images, labels = zip(*(prepared(n) for n in train_names))
-    config = dict(architecture_preset(3, args.preset), in_channels=len(CONTRASTS), n_classes=len(LABELS) + 1,
-                  strides=[[2, 2, 2]] * 3, img_size=list(TRAIN_PATCH))
-    architecture = {"name": "transunet3d", "config": config}
-    torch.manual_seed(seed)
-    network = build_model(architecture)
-    if init is not None:
-        from safetensors.torch import load_file
+    summary = json.loads((results / f"fold{fold}.train.json").read_text())
+    network = build_model(summary["architecture"])
+    network.load_state_dict(load_file(str(results / f"fold{fold}.safetensors")))
+    network.to(device).eval()
+    held_out = PATIENTS[fold]
+    scores = {"held_out": held_out, "trained_on": summary["trained_on"], "steps": summary["steps"],
+              "wall_time_s": summary["wall_time_s"], "device": summary.get("device"),
+              "scores": held_out_scores(network, new_card(summary["architecture"]), held_out, device)}
+    (results / f"fold{fold}.json").write_text(json.dumps(scores, indent=1))
+    print(json.dumps(scores), flush=True)
+    return scores
 
-        network.load_state_dict(load_file(str(init)))
-    train_config = TrainConfig(steps=args.steps, batch_size=args.batch_size, lr=2e-3 if init is None else 1e-3,
-                               val_every=100, time_budget_s=time_budget or args.time_budget, seed=seed)
-    result = train_segmentation(network, training_batches(list(images), list(labels)), train_config,
-                                validate=None, device=device, progress=print_every(25), on_validation=print)
-    return network, new_card(architecture), result, train_config
+
+def ship(results: Path, out: Path) -> None:
+    """Write the shipped model from ``final.safetensors`` with the folds' held-out figures on its card."""
+    from safetensors.torch import load_file
+
+    from ..models.registry import build_model
+
+    summary = json.loads((results / "final.train.json").read_text())
+    network = build_model(summary["architecture"])
+    network.load_state_dict(load_file(str(results / "final.safetensors")))
+    card = new_card(summary["architecture"])
+    card.training = {"summary": f"{len(PATIENTS)} real BraTS 2013 glioma patients (manual labels)", "data": DATA,
+                     "synthetic_share": 0.0, "recipe": "napari_medvision.recipes.brain_tumour",
+                     "date": __import__("datetime").date.today().isoformat(),
+                     "contrast_dropout": {" + ".join(s): p for s, p in SUBSET_CHANCES},
+                     "training_patch": summary["architecture"]["config"]["img_size"],
+                     **{k: summary[k] for k in ("steps", "batch_size", "seed", "device", "wall_time_s",
+                                                "stopped_because", "validation_curve")},
+                     "folds": [{k: f[k] for k in ("held_out", "trained_on", "steps", "wall_time_s")}
+                               for f in fold_scores(results)]}
+    card.training["scale"] = ("a GPU run" if "cuda" in str(summary["device"]).lower() else
+                              f"the project's CPU, {summary['batch_size']} crops of "
+                              f"{'x'.join(map(str, card.training['training_patch']))} voxels a step")
+    card.metrics = lopo_metrics(results)
+    mean = next((v for k, v in card.metrics.items() if k.startswith("dice")), None)
+    if mean:
+        both = mean["flair + t1c"]
+        card.metrics["headline"] = (f"whole-tumour Dice {both['whole tumour']:.3f} (core {both['tumour core']:.3f}, "
+                                    f"enhancing {both['enhancing tumour']:.3f}) from FLAIR + T1c, "
+                                    f"{mean['flair']['whole tumour']:.3f} from FLAIR alone; leave-one-patient-out "
+                                    f"on {len(PATIENTS)} real BraTS 2013 patients")
+    save_shipped(network, card, out)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = recipe_arguments(__doc__.splitlines()[0], steps=4000, batch_size=2, preset="cpu")
     parser.add_argument("--folds", type=int, nargs="*", default=[0, 1, 2, 3],
-                        help="leave-one-patient-out folds to run (patient index held out)")
+                        help="leave-one-patient-out folds to train and score (patient index held out)")
     parser.add_argument("--final", action="store_true", help="train the shipped model on all four patients")
     parser.add_argument("--final-init", type=Path, default=None,
                         help="start the shipped model from these weights (a fold's), trained further on all four")
     parser.add_argument("--final-budget", type=float, default=None, help="its time budget (default --time-budget)")
     parser.add_argument("--results", type=Path, default=Path("brain_tumour_folds"),
-                        help="folder for each fold's held-out scores (JSON); the card gathers them")
+                        help="folder for each run's weights and each fold's held-out scores (JSON)")
+    parser.add_argument("--workers", type=int, default=0, help="threads preparing batches ahead of the GPU")
+    parser.add_argument("--save-prepared", type=Path, default=None,
+                        help="only write each patient as the model sees it (npz) for brain_tumour_training")
+    parser.add_argument("--score-runs", action="store_true",
+                        help="only score the fold runs already in --results on their held-out patients")
+    parser.add_argument("--ship", action="store_true",
+                        help="only write the shipped model from --results/final.safetensors and the fold scores")
     args = parser.parse_args(argv)
-    from safetensors.torch import save_file
-
     device = prepare_run(args)
-    args.results.mkdir(parents=True, exist_ok=True)
+    if args.save_prepared is not None:
+        for name in PATIENTS:
+            save_prepared(args.save_prepared, name, *prepared(name))
+        return 0
+    if args.score_runs or args.ship:
+        if args.score_runs:
+            for fold, _ in held_out_runs(args.results):
+                score_run(args.results, fold, device)
+        if args.ship:
+            ship(args.results, args.out)
+        return 0
+    prepared_arrays = {name: prepared(name) for name in PATIENTS}
     for fold in args.folds:
-        held_out = PATIENTS[fold]
-        train_names = [p for p in PATIENTS if p != held_out]
-        network, card, result, _ = train_one(train_names, args, device, seed=args.seed + fold)
-        scores = {"held_out": held_out, "trained_on": train_names, "steps": result.steps_done,
-                  "wall_time_s": round(result.seconds, 1), "scores": held_out_scores(network, card, held_out, device)}
-        (args.results / f"fold{fold}.json").write_text(json.dumps(scores, indent=1))
-        state = {k: v.contiguous() for k, v in network.state_dict().items()}
-        save_file(state, str(args.results / f"fold{fold}.safetensors"))
-        print(json.dumps(scores), flush=True)
+        names = [p for i, p in enumerate(PATIENTS) if i != fold]
+        images, labels = zip(*(prepared_arrays[n] for n in names))
+        network, arch, result, config = train_network(images, labels, args, device, seed=args.seed + fold)
+        save_run(args.results, f"fold{fold}", network, arch, result, config, names, device)
+        score_run(args.results, fold, device)
     if args.final:
-        network, card, result, train_config = train_one(list(PATIENTS), args, device, seed=args.seed,
-                                                        init=args.final_init, time_budget=args.final_budget)
-        card.training = training_summary(device, result, train_config, DATA, 0.0,
-                                         "napari_medvision.recipes.brain_tumour")
+        images, labels = zip(*prepared_arrays.values())
+        network, arch, result, config = train_network(images, labels, args, device, seed=args.seed,
+                                                      init=args.final_init, time_budget=args.final_budget)
+        save_run(args.results, "final", network, arch, result, config, PATIENTS, device)
+        ship(args.results, args.out)
         if args.final_init is not None:
-            card.training["continued_from"] = init_summary(args.final_init)
-        card.metrics = lopo_metrics(args.results)
-        save_shipped(network, card, args.out)
+            card_path = args.out / f"{MODEL_ID}.json"
+            card = json.loads(card_path.read_text())
+            card["training"]["continued_from"] = init_summary(args.final_init)
+            card_path.write_text(json.dumps(card, indent=1))
     return 0
+
+
+def fold_scores(results: Path) -> list[dict]:
+    """Each scored fold's ``fold<k>.json`` (not the runs' ``fold<k>.train.json``), in fold order."""
+    return [json.loads(p.read_text()) for p in sorted(Path(results).glob("fold[0-9].json"))]
 
 
 def lopo_metrics(results: Path) -> dict:
     """The card's metrics from the fold files: the mean over folds and each held-out patient, per
     contrast subset and region."""
-    folds = [json.loads(p.read_text()) for p in sorted(Path(results).glob("fold*.json"))]
+    folds = fold_scores(results)
     if not folds:
         return {}
     subsets = [" + ".join(s) for s in SUBSETS]
+    seconds = [round(float(f.get("wall_time_s") or 0)) for f in folds]
+    span = f"{min(seconds)}" if min(seconds) == max(seconds) else f"{min(seconds)}-{max(seconds)}"
     key = (f"dice, leave-one-patient-out on the {len(folds)} real BraTS 2013 patients, mean of {len(folds)} folds "
-           "(each fold's model trained on the other three for 1560 s and never saw the patient it is scored on; "
-           "whole 1 mm scans, as mv.segment runs; per contrast subset)")
+           f"(each fold's model trained on the other three for {span} s and never saw the patient it is scored "
+           "on; whole 1 mm scans, as mv.segment runs; per contrast subset)")
     return {
         key: {s: {r: round(float(np.mean([f["scores"][s][r] for f in folds])), 4) for r in REGIONS} for s in subsets},
         "per_image": {f["held_out"]: {s: {r: f["scores"][s][r] for r in REGIONS} for s in subsets} for f in folds},

