@@ -27,8 +27,8 @@ from typing import Any, Iterator, Sequence
 
 import numpy as np
 
-from .models.card import sha256_of
-from .models.registry import user_dir, weights_dir
+from .models.card import CardError, ModelCard, sha256_of
+from .models.registry import get_card, user_dir, weights_dir
 from .volume import Volume
 
 CARD_NAME = "atlas.json"
@@ -142,9 +142,28 @@ def find(name: str) -> AtlasSet | None:
     return next((a for a in available() if a.name == name), None)
 
 
-def for_model(model_id: str) -> list[AtlasSet]:
-    """The atlas sets that back the network ``model_id`` (their cards list it under ``models``)."""
-    return [a for a in available() if model_id in a.models]
+def for_model(model: Any) -> list[AtlasSet]:
+    """The atlas sets that back the network ``model`` (an id or a ``ModelCard``): those whose cards list it
+    under ``models``, else those of its parent, and so on up the line of fine-tuned versions.
+
+    A fine-tuned model keeps its parent's labels and grid, so its parent's atlases (the anatomy) serve
+    it as they served the parent; the network it brings is its own.
+    """
+    sets = available()
+    card = model if isinstance(model, ModelCard) else None
+    current, seen = (card.id if card is not None else str(model)), set()
+    while current and current not in seen:
+        seen.add(current)
+        found = [a for a in sets if current in a.models]
+        if found:
+            return found
+        if card is None or card.id != current:
+            try:
+                card = get_card(current)
+            except CardError:
+                return []
+        current = card.parent
+    return []
 
 
 def add(name: str, pairs: Sequence[tuple[Volume, Volume]] | str | Path, modality: str | None = None,

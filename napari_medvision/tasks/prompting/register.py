@@ -91,24 +91,48 @@ def _one_itk_thread():
 def _register_affine(sitk, target, target_image, example, example_image, iterations, seed, cancel=None):
     fixed = to_sitk(target, target_image - min(0.0, float(target_image.min())))
     moving = to_sitk(example, example_image - min(0.0, float(example_image.min())))
+    return affine_mi(sitk, fixed, moving, iterations, seed, cancel=cancel)
+
+
+def affine_mi(sitk, fixed, moving, iterations: int, seed: int, shrinks: Optional[tuple[int, ...]] = None,
+              share: Optional[float] = None, max_samples: Optional[int] = None, moving_mask=None,
+              adjust_start=None, cancel: Optional[CancelToken] = None):
+    """The affine transform mapping ``fixed`` points into ``moving`` (SimpleITK images), by mutual information.
+
+    One set-up for prompting's examples and the atlases: moments start, Mattes MI over 32 bins,
+    random sampling (``sampling_shares(size, shrinks, share, max_samples)`` per level, seeded
+    with ``seed + 1``), regular step gradient descent, smoothing of half the shrink factor, one
+    ITK thread. The defaults are prompting's (three levels, a fifth of the voxels up to 1e5).
+    moving_mask: a UInt8 image; the metric samples only there.
+    adjust_start: ``f(method, start) -> start`` run before the sampling is set (e.g. a search
+    that evaluates the metric at a few starts).
+    cancel: stops the optimiser at its next iteration.
+    """
+    shrinks = tuple(shrinks or SHRINKS)
     dims = fixed.GetDimension()
     start = sitk.CenteredTransformInitializer(fixed, moving, sitk.AffineTransform(dims),
                                               sitk.CenteredTransformInitializerFilter.MOMENTS)
     method = sitk.ImageRegistrationMethod()
     method.SetMetricAsMattesMutualInformation(numberOfHistogramBins=32)
     method.SetMetricSamplingStrategy(method.RANDOM)
-    # SimpleITK reads a sampling seed of 0 as "seed from the wall clock" (sitkWallClock), which
-    # made every registration, and so every cross-scan prompt, differ from run to run.
-    method.SetMetricSamplingPercentagePerLevel(sampling_shares(target_image.shape), seed + 1)
     method.SetInterpolator(sitk.sitkLinear)
     method.SetOptimizerAsRegularStepGradientDescent(learningRate=1.0, minStep=1e-3, numberOfIterations=iterations,
                                                     gradientMagnitudeTolerance=1e-6)
     method.SetOptimizerScalesFromPhysicalShift()
-    method.SetShrinkFactorsPerLevel(list(SHRINKS))
-    method.SetSmoothingSigmasPerLevel([2, 1, 0])
+    method.SetShrinkFactorsPerLevel(list(shrinks))
+    method.SetSmoothingSigmasPerLevel([shrink // 2 for shrink in shrinks])
     method.SmoothingSigmasAreSpecifiedInPhysicalUnitsOff()
-    method.SetInitialTransform(start, inPlace=False)
     method.SetNumberOfThreads(1)
+    if moving_mask is not None:
+        method.SetMetricMovingMask(moving_mask)
+    if adjust_start is not None:
+        start = adjust_start(method, start)
+    # SimpleITK reads a sampling seed of 0 as "seed from the wall clock" (sitkWallClock), which
+    # made every registration, and so every cross-scan prompt, differ from run to run.
+    shares = sampling_shares(tuple(fixed.GetSize())[::-1], shrinks, share if share is not None else SAMPLED,
+                             max_samples if max_samples is not None else MAX_SAMPLES)
+    method.SetMetricSamplingPercentagePerLevel(shares, seed + 1)
+    method.SetInitialTransform(start, inPlace=False)
     if cancel is not None:  # a registration of a large scan takes a while: stop it, not just what follows
         method.AddCommand(sitk.sitkIterationEvent, lambda: cancel.cancelled and method.StopRegistration())
     return method.Execute(fixed, moving)
@@ -119,11 +143,12 @@ SAMPLED = 0.2  # share of the target's voxels the metric samples at each level..
 MAX_SAMPLES = 100_000  # ...up to this many
 
 
-def sampling_shares(shape: tuple[int, ...], shrinks=SHRINKS) -> list[float]:
+def sampling_shares(shape: tuple[int, ...], shrinks=SHRINKS, share: float = SAMPLED,
+                    max_samples: int = MAX_SAMPLES) -> list[float]:
     """Per resolution level, the share of the target's voxels that the metric samples.
 
-    A fifth of them, but at most ``MAX_SAMPLES``: mutual information over 32 bins is as well
-    estimated from 1e5 samples as from 1e7, and a fifth of a 150x256x256 CT made one
+    Prompting's defaults: a fifth of them, but at most ``MAX_SAMPLES``: mutual information over
+    32 bins is as well estimated from 1e5 samples as from 1e7, and a fifth of a 150x256x256 CT made one
     registration take minutes. Every scan of docs/evaluation/prompting.md has fewer than 5e5 voxels, so
     their registrations are those of a plain fifth, sample for sample (the same transforms as
     ``SetMetricSamplingPercentage(0.2)``, checked on the real CT and MR).
@@ -131,7 +156,7 @@ def sampling_shares(shape: tuple[int, ...], shrinks=SHRINKS) -> list[float]:
     out = []
     for shrink in shrinks:
         voxels = float(np.prod([max(1, size // shrink) for size in shape]))
-        out.append(min(SAMPLED, MAX_SAMPLES / voxels))
+        out.append(min(share, max_samples / voxels))
     return out
 
 
