@@ -1,9 +1,10 @@
 """``mv.finetune``: a new model trained on the slices a user corrected, saved apart, never worse.
 
 The default (``FinetuneOptions.method="tail"``, ``tasks.finetune_tail``) trains only the output
-head on the parent's cached features: the corrected labels learn from the user's slices, every
-other voxel and label is distilled from the parent, and a guard saves the result only if it beats
-the parent on held-out corrected slices (``FinetuneRefused`` otherwise). ``method="network"``
+head on the parent's cached features: the corrected labels learn from the user's slices (and from
+the masks prompting propagates from them to their neighbours), every other voxel and label is held
+to the parent, and a guard saves the result only if it beats the parent on held-out corrected
+slices and no untouched label moves over the scan (``FinetuneRefused`` otherwise). ``method="network"``
 trains the whole network on the corrected slices (L2-SP toward the parent, validation on a
 held-out fifth, resumable checkpoints). Either way the images are prepared exactly as inference
 prepares them, and the model goes into the user folder with a card naming its parent. Shipped
@@ -57,10 +58,10 @@ class Corrections:
 class FinetuneOptions:
     """Everything about a fine-tune a user rarely changes; ``mv.finetune(..., options=FinetuneOptions(...))``.
 
-    method: ``"tail"`` (default) trains the network's last decoder block and head on the trunk's
-        cached outputs, every uncorrected voxel and untouched label distilled from the parent;
+    method: ``"tail"`` (default) trains the output head's rows of the corrected labels on the
+        trunk's cached outputs, every uncorrected voxel and untouched label held to the parent;
         ``"network"`` trains the whole network (L2-SP toward the parent; slower, forgets more).
-    steps: optimiser steps per training run (tail default 60, per fold and once more at the end;
+    steps: optimiser steps per training run (tail default 150, per fold and once more at the end;
         network default 200). time_budget_s: wall-clock limit (network method).
     corrected_labels: the labels the corrections speak for (ids or names); default: every label
         painted on the corrected slices. Every other label stays the parent's.
@@ -68,6 +69,8 @@ class FinetuneOptions:
         the parent on the held-out ones (per label; ``min_gain`` for the corrected labels, no label
         down by more than ``max_loss``); otherwise ``FinetuneRefused`` with the figures.
     distill: weight of the distillation to the parent's probabilities (tail method).
+    propagate: (tail method, 3D) also learn, at half weight, the mask that in-volume prompting
+        propagates from the corrected slices to the 4 slices each side of them.
     anchor, freeze_encoder, batch_size, validate_every, patience: network method only.
     new_id: id of the new model (default ``<parent>-ft-<date-time>``); folder: where it goes
         (default the user model folder, never the shipped ``weights/``).
@@ -83,6 +86,7 @@ class FinetuneOptions:
     min_gain: float = 0.01
     max_loss: float = 0.01
     distill: float = 1.0
+    propagate: bool = True
     learning_rate: Optional[float] = None
     seed: int = 0
     new_id: Optional[str] = None
