@@ -145,16 +145,109 @@ def test_real_ct_liver_after_one_and_five_simulated_clicks(data_dir):
     assert dice(mask, truth) > 0.75
 
 
-def test_growth_stops_behind_an_edge_not_at_the_same_distance_without_one():
-    """CT soft tissue is bounded by the geodesic cost from the click: an edge is costly to cross."""
-    from napari_medvision.tasks.interactive_method import geodesic_within
+def test_growth_stops_where_it_leaks_through_a_gap_not_in_open_space():
+    """CT soft tissue: the growth from a click stops where its rate, low while it fills an organ
+    walled by an edge, rises again as it pours through a gap in the wall."""
+    from napari_medvision.tasks.interactive_method import geodesic_grown
 
-    edge = np.zeros((8, 8, 80), dtype=np.float32)
-    edge[:, :, 40] = 50.0  # an edge across the volume at x = 40
-    click = [(np.array([4]), np.array([4]), np.array([20]))]
+    z, y, x = np.mgrid[:30, :40, :48]
+    r = np.sqrt((z - 15) ** 2 + (y - 20) ** 2 + (x - 14) ** 2)
+    edge = np.where((r > 9) & (r <= 10.5), 20.0, 0.0).astype(np.float32)  # a wall around a ball
+    edge[14:17, 19:22, 22:26] = 0.0  # a 3x3-voxel gap in it towards +x
+    click = [(np.array([15]), np.array([20]), np.array([14]))]
     everywhere = np.ones(edge.shape, dtype=bool)
-    reached = geodesic_within(edge, (3.0, 3.0, 3.0), click, everywhere, limit=150.0)
-    assert reached[4, 4, :20].all() and reached[4, 4, 21:40].all()  # up to 60 mm on the click's side
-    assert not reached[4, 4, 41:].any()  # nothing behind the edge, 63 mm away
-    no_edge = geodesic_within(np.zeros_like(edge), (3.0, 3.0, 3.0), click, everywhere, limit=150.0)
-    assert no_edge[4, 4, 41:60].all()
+    grown = geodesic_grown(edge, (3.0, 3.0, 3.0), click, everywhere)
+    assert grown[r <= 9].all()  # the whole ball
+    assert grown[r > 10.5].sum() < 0.01 * (r > 10.5).sum()  # next to nothing beyond the wall
+    assert geodesic_grown(np.zeros_like(edge), (3.0, 3.0, 3.0), click, everywhere).all()  # no wall: all
+
+
+def test_a_negative_click_on_a_bulge_takes_the_bulge_not_the_object():
+    """The cut stops at the neck joining a wrongly included bulge of the same brightness to the
+    object, though the negative click is nearer to the ball's far side than the positive click is."""
+    rng = np.random.default_rng(1)
+    z, y, x = np.mgrid[:24, :40, :48]
+    ball = (z - 12) ** 2 + (y - 20) ** 2 + (x - 16) ** 2 <= 8 ** 2
+    bulge = ((z - 12) ** 2 + (y - 20) ** 2 + (x - 29) ** 2 <= 5 ** 2) & ~ball
+    image = (np.where(ball | bulge, 200.0, 80.0) + rng.normal(0, 10, ball.shape)).astype(np.float32)
+    s = InteractiveSession(mv.Volume(image, spacing=(1.5, 1.5, 1.5), modality="MR"))
+    first = s.add_point((12, 20, 10))
+    assert (first & bulge).sum() > 0.5 * bulge.sum()  # the bulge looks like the object: taken in
+    preview = s.preview_slice(12, s.point((12, 20, 30), positive=False))
+    cut = s.add_point((12, 20, 30), positive=False)
+    assert dice(preview, cut[12]) > 0.95  # the slice preview cuts at the same neck
+    assert (cut & bulge).sum() < 0.2 * (first & bulge).sum()
+    assert (cut & ball).sum() > 0.97 * (first & ball).sum()
+
+
+def simulated_clicks(session, truth, clicks):
+    """The bench's simulated user: (mask before, click, positive, mask after) for each click."""
+    from scipy import ndimage as ndi
+
+    def centre(region):
+        distance = ndi.distance_transform_edt(np.pad(region, 1), sampling=session.spacing)[1:-1, 1:-1, 1:-1]
+        return tuple(int(i) for i in np.unravel_index(int(np.argmax(distance)), region.shape))
+
+    mask, steps = np.zeros_like(truth), []
+    for k in range(clicks):
+        if k == 0:
+            point, positive = centre(truth), True
+        else:
+            labels, n = ndi.label(mask ^ truth)
+            if n == 0:
+                break
+            point = centre(labels == np.argmax(np.bincount(labels.ravel())[1:]) + 1)
+            positive = bool(truth[point])
+        after = session.add_point(point, positive=positive)
+        steps.append((mask, point, positive, after))
+        mask = after
+    return steps
+
+
+def assert_negative_clicks_remove_only_what_is_wrong(steps, truth, spacing, radius_mm=15.0):
+    """Each negative click takes most of the false positive within ``radius_mm`` of it (a false
+    positive can be a thin rim along the whole object: one click fixes the part it lands on) and
+    never lowers Dice by more than 0.02."""
+    from scipy import ndimage as ndi
+
+    negatives = [step for step in steps if not step[2]]
+    assert negatives, "the simulated user made no negative click: the test checks nothing"
+    for before, point, _, after in negatives:
+        wrong, _ = ndi.label(before & ~truth)
+        grid = np.ogrid[tuple(slice(0, n) for n in truth.shape)]
+        near = sum(((g - p) * s) ** 2 for g, p, s in zip(grid, point, spacing)) <= radius_mm ** 2
+        region = (wrong == wrong[point]) & near  # the false positive clicked on, near the click
+        assert (after & region).sum() <= 0.5 * region.sum(), f"the click at {point} left its false positive"
+        assert dice(after, truth) > dice(before, truth) - 0.02, f"the click at {point} lowered Dice"
+
+
+def test_real_ct_negative_clicks_remove_the_false_positive_without_the_object(data_dir):
+    """Real abdominal CT, left autochthon muscle (tuning data): the first click spills into its
+    neighbours; each negative click of the simulated user removes the spill it lands on."""
+    folder = data_dir / "ct_mr_totalseg"
+    s = InteractiveSession(mv.load(folder / "example_ct_sm.nii.gz"))
+    truth = np.asarray(mv.load(folder / "example_seg.nii.gz").data) == 86
+    assert_negative_clicks_remove_only_what_is_wrong(simulated_clicks(s, truth, 5), truth, s.spacing)
+
+
+def test_real_brats_negative_click_never_collapses_the_tumour(data_dir):
+    """BraTS 2013 patient 3, FLAIR, cropped around the tumour (where a negative click took the
+    whole scan's mask from 0.87 to 0.53 Dice under the former halfway cut): a negative click at
+    the centre of the largest false positive after three clicks."""
+    folder = data_dir / "mri_brain_tumour_brats2013" / "brats_2013_pat0003_1"
+    image = mv.load(folder / "Flair_subtrMeanDivStd.nii.gz")
+    truth = np.asarray(mv.load(folder / "OTMultiClass.nii.gz").data) > 0
+    from scipy import ndimage as ndi
+
+    box = tuple(slice(max(s.start - 12, 0), s.stop + 12) for s in ndi.find_objects(truth.astype(np.uint8))[0])
+    crop = image.with_data(np.ascontiguousarray(np.asarray(image.data)[box]))
+    s = InteractiveSession(crop, use_cache=False)
+    truth = truth[box]
+    steps = simulated_clicks(s, truth, 3)
+    before = steps[-1][3]
+    wrong, n = ndi.label(before & ~truth)
+    largest = wrong == np.argmax(np.bincount(wrong.ravel())[1:]) + 1  # the largest false positive
+    distance = ndi.distance_transform_edt(largest, sampling=s.spacing)
+    point = tuple(int(i) for i in np.unravel_index(int(np.argmax(distance)), largest.shape))
+    steps.append((before, point, False, s.add_point(point, positive=False)))
+    assert_negative_clicks_remove_only_what_is_wrong(steps, truth, s.spacing)

@@ -26,7 +26,7 @@ from scipy import ndimage as ndi
 from ..engine.progress import CancelToken, ProgressFn, check, report
 from ..volume import Volume
 from .interactive_method import (
-    CT_GROW_COST,
+    ADD_DEPTH,
     CT_SOFT_TISSUE,
     MARGIN_MM,
     POINT_RADIUS_MM,
@@ -214,7 +214,8 @@ class InteractiveSession:
         lo, hi = np.maximum(lo - margin, 0), np.minimum(hi + margin, self.grid.work_shape)
         roi = (slice(wz, wz + 1), slice(int(lo[1]), int(hi[1])), slice(int(lo[2]), int(hi[2])))
         connect = None if focus is None else focus.positive + focus.force_on
-        plane = self._plane(segment_roi(self.grid, seeds, roi, connect), roi, z)
+        near_depth = ADD_DEPTH if isinstance(new, Point) and not seeds.distinct else 0.0
+        plane = self._plane(segment_roi(self.grid, seeds, roi, connect, near_depth), roi, z)
         return hard.apply_slice(plane | previous if focus is not None else plane, z)
 
     def _plane(self, work: np.ndarray, roi: tuple[slice, ...], z: int) -> np.ndarray:
@@ -331,7 +332,8 @@ class InteractiveSession:
 
     def _compute(self, prompts: tuple, focus: Optional[Seeds] = None, bound=None) -> np.ndarray:
         """The object from all ``prompts``; with ``focus``, only the components holding its prompts,
-        in a region around them; with ``bound`` (``(lo, hi)`` scan voxels), only within that box."""
+        in a region around them; with ``bound`` (``(lo, hi)`` scan voxels: a correcting click),
+        only within that box and, unless the object is ``distinct``, near the click (``ADD_DEPTH``)."""
         seeds, hard = self._seeds(prompts)
         out = np.zeros(self.shape, dtype=bool)
         if not seeds.positive and not seeds.force_on:
@@ -349,7 +351,7 @@ class InteractiveSession:
                 margin = self._margin(scale)
                 a, b = np.maximum(lo - margin, blo), np.minimum(hi + margin, bhi)
             roi = tuple(slice(int(s), int(e)) for s, e in zip(a, b))
-            work = segment_roi(self.grid, seeds, roi, connect)
+            work = segment_roi(self.grid, seeds, roi, connect, 0.0 if bound is None or seeds.distinct else ADD_DEPTH)
             whole = bool(np.all(a <= blo) and np.all(b >= bhi))
             if seeds.limit is not None or whole or not touches_open_side(work, roi, work_shape):
                 break
@@ -420,9 +422,11 @@ class InteractiveSession:
             hard.boxes.append((lo, hi))
         if self.volume.modality == "CT" and seeds.positive:
             # a soft-tissue organ's neighbours are often as bright, parted by a faint edge: its
-            # growth is bounded; air-filled lung is hundreds of HU darker than all around it
+            # growth is watched for leaks; air-filled lung is hundreds of HU darker than all
+            # around it: what looks like it is it
             clicked = np.concatenate([grid.fine[g] for g in seeds.positive])
-            seeds.grow_cost = CT_GROW_COST if np.median(clicked) > CT_SOFT_TISSUE else 0.0
+            seeds.watch_leaks = bool(np.median(clicked) > CT_SOFT_TISSUE)
+            seeds.distinct = not seeds.watch_leaks
         seeds.refine_box = bool(boxes) and not any(isinstance(p, (Point, Scribble, Lasso)) and
                                                    getattr(p, "positive", True) for p in prompts)
         return seeds, hard

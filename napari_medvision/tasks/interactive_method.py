@@ -1,5 +1,5 @@
 """The computation behind interactive prompts: a working grid, an appearance model fitted on the
-prompts, connectivity, and a geodesic cut between positive and negative prompts.
+prompts, connectivity, geodesic growth that stops where it leaks, and cuts at the mask's necks.
 
 The session (``tasks.interactive``) calls these in a region of interest on a coarser working grid
 (at most ``WORK_VOXELS`` voxels for the whole scan, its smoothed intensities computed once by
@@ -11,11 +11,16 @@ The session (``tasks.interactive``) calls these in a region of interest on a coa
    within ``UNKNOWN`` of its peak and above every negative group's; the object then grows ``RIM``
    voxels where the fine intensity alone fits;
 2. connectivity (``connected_to``): the components that hold a positive prompt, after an opening
-   that cuts one-voxel bridges, holes filled; a box or lasso is a hard limit; in CT, without a
-   negative prompt, only what lies within a geodesic cost of a positive prompt (``geodesic_within``:
-   costs grow with the gradient, so a leak across a faint edge into a neighbour stops);
-3. negative prompts (``geodesic_closer``, ``cut_roi``): voxels geodesically closer to a negative
-   prompt than to a positive one go (costs grow with the intensity gradient: the cut follows edges);
+   that cuts one-voxel bridges, holes filled; a box or lasso is a hard limit; in CT soft tissue
+   the object grows from its prompt in order of geodesic cost only until the growth leaks
+   (``geodesic_grown``: costs grow with the gradient, and the growth rate rises again once the
+   front passes a faint edge into a neighbour of the same HU); a correcting click adds only what
+   lies within ``ADD_DEPTH`` times its depth in the candidate (``near_by_depth``);
+3. negative prompts: a positive prompt's growth keeps to voxels geodesically closer to it than to
+   a negative one (``geodesic_closer``); a negative click on the mask (``cut_roi``) takes the part
+   of the mask around it up to the neck that joins it to the parts holding positive prompts
+   (``split_at_necks``, a watershed of the mask's depth), and the voxels near it that look like
+   it rather than like the object (``looks_negative``): it never takes the object with it;
 4. a box alone (``box_split``): what in the box stands out from its surroundings, or else its
    centre taken as a click.
 
@@ -38,8 +43,7 @@ BANDWIDTH = 1.0  # kernel width in noise units
 GEODESIC_VOXELS = 60_000  # the geodesic split runs on at most this many voxels
 EDGE_WEIGHT = 3.0  # geodesic cost per noise unit of gradient
 MARGIN_MM = 40.0  # first region of interest: the prompts' box plus this much each side
-CT_GROW_COST = 300.0  # CT soft tissue: without negative prompts the object stays within this geodesic cost
-CT_SOFT_TISSUE = 0.0  # ... where the clicked intensity is above this (normalised CT: -250 HU)
+CT_SOFT_TISSUE = 0.0  # CT: growth is watched for leaks where the clicked intensity is above this (-250 HU)
 POINT_RADIUS_MM = 4.0  # a click samples the appearance in a ball this large
 
 
@@ -124,8 +128,9 @@ class Seeds:
     limit: a hard box ``(lo, hi)`` (working voxels, hi exclusive) the object lies in, or None.
     refine_box: a box with no other prompts (``box_split``, or the box's ``core`` as a click).
     core: the central voxels of each box (a third of its size per axis), as index arrays.
-    grow_cost: without negative prompts, the object stays within this geodesic cost of a positive
-    one (``geodesic_within``; 0: no limit).
+    watch_leaks: the object grows from its prompts only until the growth leaks (``geodesic_grown``).
+    distinct: the object's intensities set it apart from all around it (air in CT: hundreds of HU
+    darker): what looks like it is it, and a correcting click adds all of it it lands in.
     """
 
     positive: list = field(default_factory=list)
@@ -135,7 +140,8 @@ class Seeds:
     limit: Optional[tuple[np.ndarray, np.ndarray]] = None
     refine_box: bool = False
     core: list = field(default_factory=list)
-    grow_cost: float = 0.0
+    watch_leaks: bool = False
+    distinct: bool = False
 
     def extent(self, shape) -> tuple[np.ndarray, np.ndarray]:
         """The working-grid box ``(lo, hi)`` around every prompt."""
@@ -190,11 +196,14 @@ def appearance(groups_on, groups_off, grid: WorkGrid, floor: float = UNKNOWN, fi
 RIM = 2  # working voxels the object may grow past its core where only the fine intensity fits
 
 
-def segment_roi(grid: WorkGrid, seeds: Seeds, roi: tuple[slice, ...], connect: Optional[list] = None) -> np.ndarray:
+def segment_roi(grid: WorkGrid, seeds: Seeds, roi: tuple[slice, ...], connect: Optional[list] = None,
+                near_depth: float = 0.0) -> np.ndarray:
     """The object's mask inside ``roi`` of the working grid (bool, the roi's shape).
 
     connect: the groups (working voxels) whose components are kept (default: every positive
     prompt): the part a new positive click adds is the component it lands in.
+    near_depth: with ``connect``, keep only what lies within this many times the depth of
+    ``connect`` in the candidate (``near_by_depth``; 0: no limit).
     """
     offset = np.array([s.start for s in roi])
     shape = tuple(s.stop - s.start for s in roi)
@@ -231,14 +240,45 @@ def segment_roi(grid: WorkGrid, seeds: Seeds, roi: tuple[slice, ...], connect: O
             candidate &= limit
         if any(len(g[0]) for g in neg):
             candidate &= geodesic_closer(grid.edge[roi], grid.spacing, pos + on_voxels, neg + off_voxels, candidate)
-        elif seeds.grow_cost:
-            candidate &= geodesic_within(grid.edge[roi], grid.spacing, pos + on_voxels, candidate, seeds.grow_cost)
-        mask = connected_to(candidate, pos + on_voxels if connect is None else local(connect), limit)
+        sources = pos + on_voxels if connect is None else local(connect)
+        if seeds.watch_leaks:  # grown from the prompt being added (all of them for the first)
+            candidate &= geodesic_grown(grid.edge[roi], grid.spacing, sources, candidate)
+        mask = connected_to(candidate, sources, limit)
+        if connect is not None and near_depth:
+            mask &= near_by_depth(candidate, sources, grid.spacing, near_depth)
     for g in on_voxels:
         mask[g] = True
     for g in off_voxels:
         mask[g] = False
     return mask
+
+
+ADD_DEPTH = 2.0  # a correcting click adds within this many times its depth in the candidate
+
+
+def near_by_depth(candidate: np.ndarray, groups, spacing, scale: float) -> np.ndarray:
+    """Voxels within ``scale`` times the depth (mm from the candidate's border) of the deepest
+    voxel of ``groups``, from ``groups``: a correcting click, placed in the middle of what is
+    missing, adds a region of about that size around it rather than all of a neighbour that
+    looks the same and touches it."""
+    seed = np.zeros(candidate.shape, dtype=bool)
+    for g in groups:
+        seed[g] = True
+    if not seed.any():
+        return seed
+    depth = depth_mm(candidate, spacing)
+    reach = scale * max(float(depth[seed].max()), float(np.max(spacing)))
+    return ndi.distance_transform_edt(~seed, sampling=spacing) <= reach
+
+
+def depth_mm(mask: np.ndarray, spacing) -> np.ndarray:
+    """Distance (mm) from each voxel of ``mask`` to the nearest voxel outside it, the array's faces
+    counting as outside except along an axis one voxel thick (a slice: its neighbours above and
+    below are unknown, and counting them as outside would make every depth one slice)."""
+    thin = [n == 1 and max(mask.shape) > 1 for n in mask.shape]
+    pad = [(0, 0) if t else (1, 1) for t in thin]
+    inner = tuple(slice(None) if t else slice(1, -1) for t in thin)
+    return ndi.distance_transform_edt(np.pad(mask, pad), sampling=spacing)[inner]
 
 
 def _grow_rim(candidate, groups_on, groups_off, grid: WorkGrid, bins) -> np.ndarray:
@@ -271,9 +311,14 @@ BOX_TAIL = 1.0  # percent of the box's surroundings that may look like the objec
 
 
 def cut_roi(grid: WorkGrid, mask: np.ndarray, seeds: Seeds, roi: tuple[slice, ...]) -> np.ndarray:
-    """The voxels of ``mask`` (the object in ``roi``) that a negative prompt takes away: those
-    geodesically closer, within the mask, to a negative prompt than to a positive one, and the
-    parts left without a positive prompt."""
+    """The voxels of ``mask`` (the object in ``roi``) that a negative prompt takes away: the part of
+    the mask around it, split from the parts holding positive prompts where the mask narrows
+    (``split_at_necks``), and the voxels near it that look like it (``looks_negative``).
+
+    A negative click marks a wrongly included region (a leak into a neighbour, a bulge): it takes
+    that region and stops at the neck joining it to the object, so the object itself never
+    collapses (a cut halfway between the prompts took large parts of the object with it).
+    """
     offset = np.array([s.start for s in roi])
 
     def local(groups):
@@ -286,13 +331,75 @@ def cut_roi(grid: WorkGrid, mask: np.ndarray, seeds: Seeds, roi: tuple[slice, ..
 
     pos = local(seeds.positive + seeds.force_on)
     neg = local(seeds.negative + seeds.force_off)
-    kept = mask & geodesic_closer(grid.edge[roi], grid.spacing, pos, neg, mask, outside=1000.0)
-    for g in local(seeds.force_off):
-        kept[g] = False
-    labels, n = ndi.label(kept)
-    hit = np.unique(np.concatenate([labels[g] for g in local(seeds.force_on)] or [np.zeros(0, int)]))
-    kept = np.isin(labels, hit[hit > 0])
-    return mask & ~kept
+    removed = split_at_necks(mask, grid.spacing, pos, neg)
+    if any(len(g[0]) for g in neg):
+        removed |= looks_negative(grid, mask, roi, seeds, pos, neg)
+    return removed
+
+
+NEG_LOOK = 2.0  # a voxel looks like a negative prompt where its density is this many times a positive one's
+
+
+def looks_negative(grid: WorkGrid, mask, roi, seeds: Seeds, pos, neg) -> np.ndarray:
+    """The voxels of ``mask`` that look like a negative prompt (its density ``NEG_LOOK`` times
+    every positive group's), geodesically closer to it than to a positive prompt, and joined to
+    it through such voxels: a rim or a neighbour of another brightness the object took in."""
+    on = [d for d in (density(g, grid) for g in seeds.positive) if d is not None]
+    off = [d for d in (density(g, grid) for g in seeds.negative) if d is not None]
+    if not on or not off:
+        return np.zeros(mask.shape, dtype=bool)
+    table = (np.max(off, 0) > NEG_LOOK * np.max(on, 0)).ravel()
+    region = mask & table[grid.bins(roi)]
+    if not region.any():
+        return region
+    region &= ~geodesic_closer(grid.edge[roi], grid.spacing, pos, neg, mask, outside=1000.0)
+    labels, _ = ndi.label(region)
+    hit = np.unique(np.concatenate([labels[g] for g in neg if len(g[0])]))
+    return np.isin(labels, hit[hit > 0])
+
+
+NECK_VOXELS = 400_000  # the split runs on at most this many voxels (a coarser grid beyond)
+
+
+def split_at_necks(mask: np.ndarray, spacing, positive, negative) -> np.ndarray:
+    """The part of ``mask`` that belongs with the ``negative`` prompts rather than the ``positive``
+    ones: a marker watershed of the mask's depth (distance to its border, mm), so two parts meet
+    where the mask is thinnest between them.
+
+    Negative prompts outside the mask take nothing; where a negative prompt overlaps a positive
+    one, the positive one holds; with no positive prompt in the mask, the components holding a
+    negative prompt go.
+    """
+    from skimage.segmentation import watershed
+
+    out = np.zeros(mask.shape, dtype=bool)
+    if not mask.any():
+        return out
+    shape = np.asarray(mask.shape)
+    step = 1
+    while np.prod(-(-shape // step)) > NECK_VOXELS:
+        step += 1
+    small = mask[::step, ::step, ::step]
+    markers = np.zeros(small.shape, dtype=np.int32)
+    for value, groups in ((1, positive), (2, negative)):
+        for g in groups:
+            if len(g[0]):
+                idx = tuple(np.minimum(np.asarray(a) // step, n - 1) for a, n in zip(g, small.shape))
+                markers[idx] = np.where(small[idx] & (markers[idx] != 1), value, markers[idx])
+    if not (markers == 2).any():
+        return out
+    if not (markers == 1).any():
+        labels, _ = ndi.label(small)
+        hit = np.unique(labels[markers == 2])
+        gone = np.isin(labels, hit[hit > 0])
+    else:
+        sampling = tuple(float(s) * step for s in spacing)
+        depth = depth_mm(small, sampling)
+        gone = watershed(-depth, markers, mask=small) == 2
+    if step == 1:
+        return gone & mask
+    index = [np.minimum(np.arange(n) // step, m - 1) for n, m in zip(mask.shape, small.shape)]
+    return gone[np.ix_(*index)] & mask
 
 
 def connected_to(candidate: np.ndarray, groups, limit: Optional[np.ndarray]) -> np.ndarray:
@@ -374,15 +481,51 @@ def _geodesic_costs(edge: np.ndarray, spacing, groups, candidate: np.ndarray, ou
     return d[np.ix_(*index)]
 
 
-def geodesic_within(edge: np.ndarray, spacing, positive, candidate: np.ndarray, limit: float) -> np.ndarray:
-    """Voxels of ``candidate`` whose geodesic cost from a positive prompt is below ``limit``.
+GROW_START = 10.0  # geodesic cost (mm on a flat region) from which the growth is watched
+GROW_RATIO = 1.1  # growth watched at costs this factor apart
+GROW_SMOOTH = 5  # ... its rate averaged over this many steps
+GROW_RISE = 0.5  # a leak: the rate rises this far above its lowest so far
+GROW_MIN_MM3 = 8000.0  # ... once the object holds this much
+GROW_LOW = 1.8  # ... and only after the rate fell below this (filling an organ, not noise in free growth)
 
-    Costs as in ``geodesic_closer`` (mm times ``1 + EDGE_WEIGHT * gradient``; leaving the
-    candidate is all but barred): an organ of uniform brightness is reached across its whole
-    length, a neighbour of the same brightness behind a few edges is not.
+
+def geodesic_grown(edge: np.ndarray, spacing, positive, candidate: np.ndarray) -> np.ndarray:
+    """Voxels of ``candidate`` reached from a positive prompt before the growth leaks.
+
+    The object grows from the prompts in order of geodesic cost (``_geodesic_costs``: mm times
+    ``1 + EDGE_WEIGHT * gradient``, leaving the candidate all but barred). Its volume's growth
+    rate (d log V / d log cost: 3 for a ball in open space) falls while the front fills an organ
+    bounded by edges and rises again when the front breaks through a faint edge into the
+    neighbours beyond (a kidney into the bowel, the IVC into the liver: all soft tissue of about
+    the same HU); the growth stops where the rate was lowest before it rose (``leak_cost``).
+    Growth that never leaks (an organ that a candidate of its own brightness holds) is unbounded.
     """
     d = _geodesic_costs(edge, spacing, positive, candidate, outside=1000.0)
-    return np.ones(edge.shape, dtype=bool) if d is None else d < limit
+    if d is None:
+        return np.ones(edge.shape, dtype=bool)
+    return d < leak_cost(d[candidate & (d < 1000.0)], float(np.prod(spacing)))
+
+
+def leak_cost(costs: np.ndarray, voxel_mm3: float, min_mm3: float = GROW_MIN_MM3) -> float:
+    """The geodesic cost at which growth over ``costs`` (one per voxel reached) starts to leak:
+    where the smoothed growth rate was lowest (below ``GROW_LOW``) before it rose ``GROW_RISE``
+    above that (inf: never)."""
+    if costs.size == 0:
+        return np.inf
+    v = np.sort(costs.ravel())
+    n = int(np.log(max(float(v[-1]), 2 * GROW_START) / GROW_START) / np.log(GROW_RATIO)) + 2
+    ts = GROW_START * GROW_RATIO ** np.arange(n)
+    volume = np.maximum(np.searchsorted(v, ts), 1)
+    rate = np.gradient(np.log(volume), np.log(ts))
+    if GROW_SMOOTH > 1:
+        rate = ndi.uniform_filter1d(rate, int(GROW_SMOOTH), mode="nearest")
+    lowest, at = np.inf, None
+    for i in np.nonzero(volume * voxel_mm3 >= min_mm3)[0]:
+        if rate[i] < lowest:
+            lowest, at = rate[i], i
+        elif lowest < GROW_LOW and rate[i] > lowest + GROW_RISE:
+            return float(ts[at])
+    return np.inf
 
 
 def touches_open_side(mask: np.ndarray, roi: tuple[slice, ...], shape) -> bool:
