@@ -1,10 +1,13 @@
 """Fuzz every reader: mutated files opened through ``mv.load_all`` in memory-limited child processes.
 
 Seeds are the small real samples of the shared data folder (vendor OCT files, DICOM objects,
-photos) plus tiny crops of a real CT that the project writes with its own writers (NIfTI, NRRD,
-MHA, DICOM series, zarr, TIFF, PNG, JPEG, Zeiss cube). Each case copies one seed and damages it:
-bit flips, random bytes, truncation, header fields set to huge / negative / zero values, wrong
-data types, random files, a gzip in a gzip, a decompression bomb, XML entity bombs. A few worker
+photos, a DRIVE GIF mask) plus tiny crops of a real CT that the project writes with its own
+writers or its libraries' (NIfTI, NRRD, detached .nhdr, MHA, .mhd + raw, DICOM series, a DICOMDIR
+tree, zarr, TIFF, OME-TIFF, PNG, JPEG, GIF, BMP, Zeiss cube). Each case copies one seed (a
+detached header or DICOMDIR with its whole folder) and damages it: bit flips, random bytes,
+truncation, header fields set to huge / negative / zero values, wrong data types, random files,
+a gzip in a gzip, a decompression bomb, XML entity bombs (Heyex, OME), data files naming devices,
+files outside or a million files, links out of DICOM folders. A few worker
 processes (address space capped, every case with a time limit) open the cases; each is
 classified as
 
@@ -15,6 +18,7 @@ size of what it loaded (or of its seed, for a file refused) plus a fixed allowan
 JSON line per format and a total line; writes ``summary.json`` and copies every failing case.
 
     python bench/fuzz.py --cases 300 --seed 0 --workers 2 --out /tmp/fuzz
+    python bench/fuzz.py --cases 2000 --formats nhdr mhd dicomdir ome_tiff gif gif_real bmp
 """
 
 from __future__ import annotations
@@ -94,11 +98,20 @@ def make_seeds(folder: Path, data: Path, large: bool = False) -> list[Seed]:
     from PIL import Image
 
     photo = np.asarray(Image.open(data / "fundus_skimage" / "retina.jpg"))[600:664, 600:680]
-    for fmt, name in (("png", "fundus.png"), ("jpeg", "fundus.jpg")):
+    for fmt, name in (("png", "fundus.png"), ("jpeg", "fundus.jpg"), ("gif", "fundus.gif"), ("bmp", "fundus.bmp")):
         target = folder / name
         if not target.exists():
             Image.fromarray(photo).save(target)
         paths.append((fmt, target))
+    paths += _detached_seeds(folder, crop)
+    paths.append(("dicomdir", _dicomdir_seed(folder / "dicomdir", series)))
+    ome = folder / "ct.ome.tif"
+    if not ome.exists():
+        import tifffile
+
+        tifffile.imwrite(ome, np.asarray(crop.data), ome=True,
+                         metadata={"axes": "ZYX", "PhysicalSizeX": 3.0, "PhysicalSizeY": 3.0, "PhysicalSizeZ": 3.0})
+    paths.append(("ome_tiff", ome))
     cube = folder / "Macular Cube 8x4_cube_z.img"
     if not cube.exists():
         np.random.default_rng(0).integers(0, 255, 8 * 4 * 1024, dtype=np.uint8).tofile(cube)
@@ -115,6 +128,7 @@ def make_seeds(folder: Path, data: Path, large: bool = False) -> list[Seed]:
         "e2e": data / "oct_vendor" / "e2e_minimized.E2E",
         "topcon_fda": data / "oct_vendor" / "fda_minimized.fda",
         "topcon_fds": data / "oct_vendor" / "fds_minimized.fds",
+        "gif_real": data / "fundus_drive_train" / "mask" / "21_training_mask.gif",
     }
     if large:  # real samples of 1-6 MiB decoded, so that peak memory is measured against real sizes
         real.update({
@@ -134,6 +148,44 @@ def make_seeds(folder: Path, data: Path, large: bool = False) -> list[Seed]:
             volumes = mv.io.load_all(path)
         seeds.append(Seed(fmt, path, sum(_nbytes(v.data) for v in volumes)))
     return seeds
+
+
+def _detached_seeds(folder: Path, crop) -> list[tuple[str, Path]]:
+    """A detached NRRD header (``.nhdr`` over gzip data, written by medvision) and a MetaImage
+    header (``.mhd`` over raw data, written by SimpleITK), each in a folder of its own."""
+    import SimpleITK as sitk
+
+    import napari_medvision as mv
+    from napari_medvision.volume import to_itk_geometry
+
+    nhdr, mhd = folder / "nhdr" / "ct.nhdr", folder / "mhd" / "ct.mhd"
+    if not nhdr.exists():
+        nhdr.parent.mkdir(parents=True, exist_ok=True)
+        mv.save(crop, nhdr)
+    if not mhd.exists():
+        mhd.parent.mkdir(parents=True, exist_ok=True)
+        image = sitk.GetImageFromArray(np.asarray(crop.data))
+        spacing, origin, direction = to_itk_geometry(crop)
+        image.SetSpacing(spacing)
+        image.SetOrigin(origin)
+        image.SetDirection(direction)
+        sitk.WriteImage(image, str(mhd), useCompression=False)
+    return [("nhdr", nhdr), ("mhd", mhd)]
+
+
+def _dicomdir_seed(folder: Path, series: Path) -> Path:
+    """A DICOMDIR (written by pydicom's FileSet) indexing a copy of the 4-slice DICOM series."""
+    import pydicom
+    from pydicom.fileset import FileSet
+
+    index = folder / "DICOMDIR"
+    if not index.exists():
+        fileset = FileSet()
+        for path in sorted(series.iterdir()):
+            fileset.add(pydicom.dcmread(path))
+        fileset.write(folder)
+        fileset._stage["t"].cleanup()  # pydicom's staging folder, else removed with a ResourceWarning at exit
+    return index
 
 
 def _nbytes(data) -> int:
@@ -206,7 +258,7 @@ def _text_word(raw: bytearray, rng: random.Random) -> str:
     """A type or encoding word swapped for another (wrong data type, unknown encoding)."""
     swaps = [(b"short", b"double"), (b"MET_SHORT", b"MET_DOUBLE"), (b"int16", b"float64"), (b"raw", b"gzip"),
              (b"gzip", b"raw"), (b"<i2", b"<f8"), (b"True", b"False"), (b"False", b"True"), (b"uint8", b"int64"),
-             (b"\"zstd\"", b"\"blosc\""), (b"little", b"big")]
+             (b"\"zstd\"", b"\"blosc\""), (b"little", b"big"), (b"ct.raw", b"ct.zraw"), (b"ElementDataFile", b"HeaderSize")]
     found = [(a, b) for a, b in swaps if a in raw]
     if not found:
         return _text_numbers(raw, rng)
@@ -220,7 +272,14 @@ HEADER_FIELDS = {
     "nifti": [40, 42, 44, 46, 48, 50, 70, 72, 108, 112, 116],  # dim[0..5], datatype, bitpix, vox_offset, scl
     "heidelberg_vol": [12, 16, 20, 24, 32, 40, 48, 52, 56],       # width, n_bscans, depth, scales, SLO size
     "topcon_fda": [7, 11], "topcon_fds": [7, 11],
+    # BMP: file size, pixel offset, header size, width, height, planes, bits, compression, image size, colours
+    "bmp": [2, 10, 14, 18, 22, 26, 28, 30, 34, 46],
+    # GIF: screen width, height, flags; the first image descriptor (after an 8-bit global palette)
+    "gif": [6, 8, 10, 13 + 768 + 1, 13 + 768 + 3, 13 + 768 + 5, 13 + 768 + 7, 13 + 768 + 9],
 }
+HEADER_FIELDS["gif_real"] = HEADER_FIELDS["gif"]
+# Seeds whose header names its data files: a case copies the header's whole folder.
+WITH_FOLDER = ("nhdr", "mhd", "dicomdir")
 DICOM_TAGS = ("Rows", "Columns", "NumberOfFrames", "BitsAllocated", "BitsStored", "SamplesPerPixel",
               "PixelRepresentation", "RescaleSlope", "PixelSpacing", "ImagePositionPatient")
 
@@ -261,6 +320,22 @@ def mutate(seed: Seed, case_dir: Path, rng: random.Random) -> tuple[Path, str]:
     target = case_dir / seed.path.name
     kind = rng.choice(("bitflip", "bitflip", "random", "truncate", "field", "field", "field", "text", "swap",
                        "random_file", "special"))
+    if seed.format in WITH_FOLDER:  # the header and the files it names travel together
+        folder = case_dir / seed.path.parent.name
+        shutil.copytree(seed.path.parent, folder, symlinks=True)
+        target = folder / seed.path.name
+        if kind == "random_file":
+            n = rng.choice((0, 1, 100, 352, 4096))
+            prefix = rng.choice((b"", b"NRRD0004\n", b"ObjectType = Image\n", b"\0" * 128 + b"DICM"))
+            target.write_bytes(prefix + rng.randbytes(n))
+            return target, f"header replaced by {n} random bytes after {prefix[:12]!r}"
+        if kind == "special":
+            special = _special(seed, target, rng)
+            if special:
+                return target, special
+            kind = "field"
+        victim = target if rng.random() < 0.6 else rng.choice(sorted(p for p in folder.rglob("*") if p.is_file()))
+        return target, _damage(seed, victim, kind, rng)
     if kind == "random_file":
         n = rng.choice((0, 1, 100, 352, 4096, 70000))
         prefix = rng.choice((b"", b"\x1f\x8b", b"NRRD0004\n", b"HSF-OCT-103\0", b"CMDb", b"FOCT", b"\x89PNG\r\n\x1a\n",
@@ -279,17 +354,25 @@ def mutate(seed: Seed, case_dir: Path, rng: random.Random) -> tuple[Path, str]:
         if special:
             return target, special
         kind = "field"
-    victim = _main_file(target, rng)
-    if seed.format.startswith("dicom") and kind == "field" and rng.random() < 0.7 and victim.suffix.lower() == ".dcm":
+    return target, _damage(seed, _main_file(target, rng), kind, rng)
+
+
+def _damage(seed: Seed, victim: Path, kind: str, rng: random.Random) -> str:
+    """Damage one file of a case in place (``kind`` as chosen by :func:`mutate`); what was done."""
+    dicom_file = victim.suffix.lower() == ".dcm" or (seed.format == "dicomdir" and victim.name.startswith("IM"))
+    if seed.format.startswith("dicom") and kind == "field" and rng.random() < 0.7 and dicom_file:
         try:
-            return target, _dicom_tag(victim, rng)
+            return _dicom_tag(victim, rng)
         except Exception as exc:  # pydicom refused to write the value: fall back to raw bytes
             kind = f"field (pydicom: {type(exc).__name__})"
     raw = bytearray(victim.read_bytes())
     compressed = raw[:2] == b"\x1f\x8b"
     if compressed:
-        raw = bytearray(gzip.decompress(bytes(raw)))
-    textual = victim.suffix.lower() in (".nrrd", ".mha", ".xml", ".json") or victim.name.startswith(".z")
+        try:
+            raw = bytearray(gzip.decompress(bytes(raw)))
+        except (OSError, EOFError):  # an earlier damage already broke the stream
+            compressed = False
+    textual = victim.suffix.lower() in (".nrrd", ".nhdr", ".mha", ".mhd", ".xml", ".json") or victim.name.startswith(".z")
     if kind.startswith("field"):
         if seed.format == "e2e":
             what = _e2e_fields(raw, rng)
@@ -306,7 +389,7 @@ def mutate(seed: Seed, case_dir: Path, rng: random.Random) -> tuple[Path, str]:
     if compressed and rng.random() < 0.9:
         raw = bytearray(gzip.compress(bytes(raw), compresslevel=1))
     victim.write_bytes(raw)
-    return target, f"{victim.name}: {what}"
+    return f"{victim.name}: {what}"
 
 
 def _special(seed: Seed, target: Path, rng: random.Random) -> str | None:
@@ -337,6 +420,20 @@ def _special(seed: Seed, target: Path, rng: random.Random) -> str | None:
         loop = target / "loop"
         loop.symlink_to(target, target_is_directory=True)
         return f"links to {outside} and to the folder itself"
+    if seed.format in ("nhdr", "mhd"):
+        return _data_file_attack(seed, target, rng)
+    if seed.format == "dicomdir":
+        folder = target.parent
+        if rng.random() < 0.5:
+            for image in [p for p in folder.rglob("*") if p.is_file() and p != target]:
+                image.unlink()
+            return "DICOMDIR whose image files are gone"
+        outside = rng.choice(("/etc/passwd", "/proc/self/mem", "/dev/zero"))
+        (folder / "PT000000" / "IM_LINK").symlink_to(outside)
+        (folder / "PT000000" / "loop").symlink_to(folder, target_is_directory=True)
+        return f"DICOMDIR tree with links to {outside} and to its own root"
+    if seed.format == "ome_tiff":
+        return _ome_attack(target, rng)
     if seed.format == "zarr":
         meta = next((p for p in target.rglob(".zarray")), None)
         if meta is None:
@@ -346,6 +443,64 @@ def _special(seed: Seed, target: Path, rng: random.Random) -> str | None:
         meta.write_text(json.dumps(spec))
         return f"zarr chunks {spec['chunks']}"
     return None
+
+
+def _data_file_attack(seed: Seed, header: Path, rng: random.Random) -> str:
+    """A detached header naming a data file it should not: a device, a file outside its folder,
+    a missing file, a folder, a link to a device, or a list or pattern of a million files."""
+    text = header.read_text(encoding="latin-1")
+    nrrd = seed.format == "nhdr"
+    key = "data file: " if nrrd else "ElementDataFile = "
+    line = next(ln for ln in text.splitlines() if ln.startswith(key))
+    name = line[len(key):]
+    choice = rng.choice(("/dev/zero", "/dev/urandom", "/proc/self/mem", "/etc/passwd", "../../../../../etc/hostname",
+                         "missing.raw", ".", "link", "pattern", "list"))
+    if choice == "link":
+        (header.parent / name).unlink()
+        (header.parent / name).symlink_to("/dev/zero")
+        return f"data file {name} is a link to /dev/zero"
+    if choice == "pattern":
+        value = "ct%09d.raw 0 999999999 1" + (" 2" if rng.random() < 0.5 else "") if nrrd else "ct%09d.raw 0 999999999 1"
+    elif choice == "list":
+        names = "\n".join([name] * rng.choice((2, 1000, 100000)))
+        value = ("LIST 2\n" if rng.random() < 0.5 else "LIST\n") + names if nrrd else "LIST\n" + names
+    else:
+        value = choice
+    header.write_text(text.replace(line, key + value), encoding="latin-1")
+    return f"data file -> {value[:40]!r}"
+
+
+def _ome_attack(target: Path, rng: random.Random) -> str:
+    """OME-TIFF XML with an entity bomb, an external entity, huge sizes or links to other files."""
+    import tifffile
+
+    with tifffile.TiffFile(target) as tif:
+        data = tif.asarray()
+        xml = tif.pages[0].description
+    choice = rng.choice(("bomb", "external", "sizes", "files"))
+    body = xml.split("?>", 1)[-1]
+    if choice == "bomb":
+        doctype = ('<!DOCTYPE OME [<!ENTITY a "aaaaaaaaaa"><!ENTITY b "&a;&a;&a;&a;&a;&a;&a;&a;&a;&a;">'
+                   '<!ENTITY c "&b;&b;&b;&b;&b;&b;&b;&b;&b;&b;"><!ENTITY d "&c;&c;&c;&c;&c;&c;&c;&c;&c;&c;">'
+                   '<!ENTITY e "&d;&d;&d;&d;&d;&d;&d;&d;&d;&d;"><!ENTITY f "&e;&e;&e;&e;&e;&e;&e;&e;&e;&e;">]>')
+        body = body.replace('Name="Image0"', 'Name="&f;"', 1)
+    elif choice == "external":
+        doctype = '<!DOCTYPE OME [<!ENTITY x SYSTEM "file:///etc/passwd">]>'
+        body = body.replace('Name="Image0"', 'Name="&x;"', 1)
+    else:
+        doctype = ""
+        if choice == "sizes":
+            field = rng.choice(("SizeX", "SizeY", "SizeZ", "SizeC", "SizeT"))
+            value = rng.choice(("0", "-1", "65536", "2147483647", "99999999999"))
+            body = re.sub(f'{field}="\\d+"', f'{field}="{value}"', body, count=1)
+        else:  # TiffData naming other files: tifffile would open them
+            other = rng.choice(("/dev/zero", "/etc/passwd", "../../../../../etc/hostname", "missing.ome.tif"))
+            body = re.sub(r"<TiffData[^>]*/>", f'<TiffData IFD="0" PlaneCount="{data.shape[0]}"><UUID FileName="{other}">'
+                          'urn:uuid:00000000-0000-0000-0000-000000000000</UUID></TiffData>', body, count=1)
+            choice = f"files ({other})"
+    tifffile.imwrite(target, data, description='<?xml version="1.0" encoding="UTF-8"?>' + doctype + body,
+                     metadata=None)
+    return f"OME-XML {choice}"
 
 
 def _gzip_bomb(target: Path, rng: random.Random) -> str:
@@ -384,10 +539,26 @@ def _worker(conn, memory_bytes: int, seeds: list[Seed], work: str) -> None:
 
     warnings.simplefilter("ignore")
     _die_with_parent()
+    # A forked worker inherits the parent's dask thread pool but not its threads: a zarr read would
+    # wait on it forever when the parent (a test session) had used dask. Each worker makes its own.
+    import dask.threaded
+
+    dask.threaded.default_pool = None
+    dask.threaded.pools.clear()
     # Freed memory goes back to the system between cases, so that a case's resident peak is its own:
     # Pillow keeps no block cache, and glibc's heap is trimmed before each case.
     PIL.Image.core.set_blocks_max(0)
     trim = _malloc_trim()
+    # Each seed is read once first: a forked worker maps the libraries' code pages only when it
+    # first runs them, and those pages (shared, from the page cache) would count in a case's peak.
+    from napari_medvision.io.formats import readers_for, sniffed_readers
+
+    for seed in seeds:
+        for reader in readers_for(seed.path) or sniffed_readers(seed.path):
+            try:
+                reader.read(seed.path)
+            except Exception:
+                pass
     base = _status_kib("VmSize")["VmSize"]
     resource.setrlimit(resource.RLIMIT_AS, (base + memory_bytes, resource.RLIM_INFINITY))
     while True:
@@ -489,14 +660,21 @@ class _Slot:
 
 def run(cases: int, seed: int = 0, workers: int = 2, out: Path = Path("/tmp/medvision_fuzz"),
         memory_gib: float = 2.0, timeout_s: float = 10.0, data: Path | None = None, large_seeds: bool = False,
-        log=None) -> dict:
-    """Run ``cases`` fuzz cases (fixed ``seed``); returns the summary also written to ``out/summary.json``."""
+        log=None, formats: list[str] | None = None) -> dict:
+    """Run ``cases`` fuzz cases (fixed ``seed``); returns the summary also written to ``out/summary.json``.
+
+    ``formats``: only seeds of these formats (names as in the summary), e.g. for a run in chunks."""
     out = Path(out)
     work, failed = out / "cases", out / "failures"
     for folder in (work, failed):
         shutil.rmtree(folder, ignore_errors=True)
         folder.mkdir(parents=True)
     seeds = make_seeds(out / "seeds", data or data_dir(), large=large_seeds)
+    if formats:
+        unknown = set(formats) - {s.format for s in seeds}
+        if unknown:
+            raise ValueError(f"no seeds of format(s) {sorted(unknown)}; known: {[s.format for s in seeds]}")
+        seeds = [s for s in seeds if s.format in formats]
     rng = random.Random(seed)
     # Every format gets its share: seeds are taken round-robin in a shuffled order.
     jobs = [(i, i % len(seeds), rng.getrandbits(64)) for i in range(cases)]
@@ -555,13 +733,16 @@ def run(cases: int, seed: int = 0, workers: int = 2, out: Path = Path("/tmp/medv
         for slot in slots:
             slot.stop()
     summary = summarise(results, seeds, time.perf_counter() - start, cases=cases, seed=seed, workers=workers,
-                        memory_gib=memory_gib, timeout_s=timeout_s, large_seeds=large_seeds)
+                        memory_gib=memory_gib, timeout_s=timeout_s, large_seeds=large_seeds,
+                        only_formats=formats or None)
     (out / "summary.json").write_text(json.dumps({**summary, "cases": results}, indent=1, default=str))
     return summary
 
 
 def _keep_failure(result: dict, failed: Path) -> None:
     source = Path(result.get("path") or "")
+    if result.get("format") in WITH_FOLDER and source.is_file():
+        source = source.parent  # the header with the files it names
     if source.exists():
         target = failed / f"case{result['case']:06d}_{result['status']}"
         if source.is_dir():
@@ -610,10 +791,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=10.0, help="seconds before a case counts as a hang")
     parser.add_argument("--out", type=Path, default=Path("/tmp/medvision_fuzz"))
     parser.add_argument("--large-seeds", action="store_true", help="add real samples of a few MiB as seeds")
+    parser.add_argument("--formats", nargs="+", help="only seeds of these formats (default: all)")
     args = parser.parse_args(argv)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     summary = run(args.cases, args.seed, args.workers, args.out, args.memory_gib, args.timeout,
-                  large_seeds=args.large_seeds, log=lambda m: print(m, file=sys.stderr, flush=True))
+                  large_seeds=args.large_seeds, log=lambda m: print(m, file=sys.stderr, flush=True),
+                  formats=args.formats)
     for fmt, counts in summary["per_format"].items():
         print(json.dumps({"bench": "fuzz", "format": fmt, **counts}))
     print(json.dumps({"bench": "fuzz", **{k: v for k, v in summary.items() if k not in ("per_format", "failed_cases")},

@@ -14,6 +14,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pydicom
+import pydicom.pixels
 
 from .dicom_scan import CappedReader, DicomFile
 from .errors import ReadError
@@ -116,13 +117,44 @@ def raw_frames(f: DicomFile, into: np.ndarray | None = None) -> np.ndarray:
         with CappedReader(f.path) as fp:
             ds = pydicom.dcmread(fp)
         _check_codestreams(f, ds, rows, cols)
-        array = ds.pixel_array
+        return _decode_frames(f, ds, n, into)
     except ReadError:
         raise
     except Exception as exc:  # decoder errors come in many types; name the file and the syntax
         syntax = getattr(getattr(getattr(f.header, "file_meta", None), "TransferSyntaxUID", None), "name", "?")
         raise ReadError(f.path, f"pixel data could not be decoded ({syntax}): {str(exc).splitlines()[0][:200]}") from exc
-    return array[None] if n == 1 else array
+
+
+def _decode_frames(f: DicomFile, ds, n: int, into: np.ndarray | None) -> np.ndarray:
+    """Frames decoded one at a time by pydicom (its sign, precision and colour corrections
+    included), each written into ``into`` or into one array allocated after the first frame.
+
+    A decoder needs several times a frame's size while it works (OpenJPEG: a 32-bit buffer per
+    sample plus its stream buffer), so only one frame's decoding is in memory at a time, and a
+    single frame is returned as the decoder's own array rather than copied.
+    """
+    decoder = pydicom.pixels.get_decoder(ds.file_meta.TransferSyntaxUID)
+    out = None
+    count = 0
+    for frame, _properties in decoder.iter_array(ds, as_rgb=True):
+        if count >= n:
+            raise ReadError(f.path, f"holds more than the {n} frame(s) its header declares")
+        if out is None:
+            if into is not None and into.dtype == frame.dtype and into.size == n * frame.size:
+                out = into.reshape((n,) + frame.shape)
+            elif n == 1:
+                out = frame[None]
+            else:
+                out = np.empty((n,) + frame.shape, frame.dtype)
+        if frame.shape != out.shape[1:]:
+            raise ReadError(f.path, f"frame {count + 1} decodes to {frame.shape} where frame 1 is {out.shape[1:]}")
+        if not np.may_share_memory(out, frame):
+            out[count] = frame
+        del frame
+        count += 1
+    if count < n:
+        raise ReadError(f.path, f"holds {count} frame(s) where its header declares {n}")
+    return out
 
 
 _J2K_SIZ = b"\xff\x4f\xff\x51"  # start of codestream, then the image and tile size marker
@@ -193,6 +225,15 @@ def assemble(n: int, frame_shape: tuple, read, rescales: list[tuple[float, float
     fits = dtype.kind in "iu" and np.iinfo(dtype).min <= lo and hi <= np.iinfo(dtype).max
     narrow = dtype == np.int32 and stored.itemsize == 2 and all(s == 1 for s, _ in rescales)
     direct = (fits and dtype.itemsize == stored.itemsize) or narrow
+    if n == 1:
+        # One frame is read before the output exists, so that a decoder's working memory and the
+        # output are never held together; a frame already in the output dtype becomes the output.
+        first = read(0, None)
+        if not narrow and first.dtype == dtype and first.flags.writeable and first.size == np.prod(frame_shape):
+            out = first.reshape((1,) + tuple(frame_shape))
+            _apply(out[0], *rescales[0])
+            return out
+        read = lambda i, into, first=first: first  # noqa: E731
     out = np.empty((n,) + tuple(frame_shape), stored if narrow else dtype)
     ranges = [(0, 0)] * n
 

@@ -68,6 +68,8 @@ def readers_for(path: Path) -> list[Reader]:
     """Readers whose suffix matches ``path`` (for a folder without one: the folder readers)."""
     suffix = suffix_of(path)
     by_suffix = [r for r in READERS if suffix in r.suffixes]
+    if path.name.upper() == "DICOMDIR" and path.is_file():  # the index of a DICOM tree, read even when damaged
+        by_suffix = [r for r in READERS if ".dcm" in r.suffixes]
     if suffix == ".ome.zarr":
         by_suffix += [r for r in READERS if ".zarr" in r.suffixes]
     if path.is_dir() and not by_suffix:

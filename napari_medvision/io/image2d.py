@@ -48,17 +48,51 @@ def read_photo(path: Path, **_) -> list[Volume]:
             check_memory(path, "the image", 4 * img.width * img.height * bands)
             img.load()
             text = dict(getattr(img, "text", {}) or {})
-            if img.mode in ("P", "PA"):
-                img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
-            elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
-                img = img.convert("RGB")
-            elif img.mode == "LA":
-                img = img.convert("L")
-            data = np.asarray(img)
+            if img.mode == "P" and "transparency" not in img.info:
+                data = _palette_to_rgb(img)
+            else:
+                if img.mode in ("P", "PA"):
+                    img = img.convert("RGBA" if "transparency" in img.info or img.mode == "PA" else "RGB")
+                elif img.mode in ("CMYK", "YCbCr", "LAB", "HSV"):
+                    img = img.convert("RGB")
+                elif img.mode == "LA":
+                    img = img.convert("L")
+                data = _pixels(img)
             img.close()  # frees Pillow's copy of the pixels before the field of view is computed
     except (UnidentifiedImageError, OSError, SyntaxError) as exc:
         raise ReadError(path, f"is not a readable image ({exc})") from exc
     return _volumes(path, data, text.get(GEOMETRY_KEY))
+
+
+_BAND_BYTES = 256 << 10  # output rows copied out of Pillow at a time
+
+
+def _rows(img, band: int):
+    """``(first row, that band's pixels as an array)`` for consecutive bands of ``band`` rows."""
+    for top in range(0, img.height, band):
+        yield top, np.asarray(img.crop((0, top, img.width, min(top + band, img.height))))
+
+
+def _pixels(img) -> np.ndarray:
+    """Pillow's pixels as one array, copied a band of rows at a time: ``np.asarray(img)`` holds
+    two more whole copies while it converts (Pillow joins the chunks of ``tobytes``)."""
+    first = np.asarray(img.crop((0, 0, img.width, 1)))
+    out = np.empty((img.height,) + first.shape[1:], first.dtype)
+    for top, rows in _rows(img, max(1, _BAND_BYTES // max(first.nbytes, 1))):
+        out[top:top + len(rows)] = rows
+    return out
+
+
+def _palette_to_rgb(img) -> np.ndarray:
+    """An opaque palette image as RGB, looked up band by band straight into the output (Pillow's
+    own conversion keeps a 4-byte-per-pixel RGB image beside the palette image)."""
+    palette = np.zeros((256, 3), np.uint8)
+    values = np.frombuffer(bytes(img.getpalette("RGB") or b""), np.uint8)[: 768]
+    palette.reshape(-1)[: values.size] = values
+    out = np.empty((img.height, img.width, 3), np.uint8)
+    for top, rows in _rows(img, max(1, _BAND_BYTES // max(3 * img.width, 1))):
+        np.take(palette, rows, axis=0, out=out[top:top + len(rows)])
+    return out
 
 
 @register_reader("TIFF", TIFF_SUFFIXES, sniff=_sniff_tiff)
@@ -67,6 +101,7 @@ def read_tiff(path: Path, **_) -> list[Volume]:
 
     try:
         with tifffile.TiffFile(path) as tif:
+            check_ome(path, tif)
             check_tiff_size(path, tif)
             data = tif.asarray()
             description = tif.pages[0].description if tif.pages else ""
@@ -82,6 +117,44 @@ def read_tiff(path: Path, **_) -> list[Volume]:
         except (json.JSONDecodeError, AttributeError):
             geometry = None
     return _volumes(path, data, geometry, fallback_spacing=spacing)
+
+
+MAX_OME_PLANES = 1 << 20  # planes (SizeZ x SizeC x SizeT), or pages they fill, an OME-XML may declare
+
+
+def check_ome(path: Path, tif) -> None:
+    """ReadError before tifffile reads an OME-TIFF's XML when that XML uses entities or declares
+    sizes that are not positive whole numbers or more than :data:`MAX_OME_PLANES` planes:
+    tifffile parses it with the standard library and lists every declared plane first."""
+    if not tif.is_ome:
+        return
+    import defusedxml.ElementTree as ET
+    from defusedxml import DefusedXmlException
+
+    try:
+        root = ET.fromstring(tif.pages[0].description)
+    except DefusedXmlException as exc:
+        raise ReadError(path, f"has OME-XML that uses XML features refused for safety ({type(exc).__name__})") from None
+    except ET.ParseError:
+        return  # tifffile reads the pages without the broken XML
+    page_pixels = max(int(np.prod(tif.pages[0].shape)), 1)
+    for pixels in (e for e in root.iter() if str(e.tag).endswith("}Pixels") or e.tag == "Pixels"):
+        sizes = {}
+        for axis in ("SizeX", "SizeY", "SizeZ", "SizeC", "SizeT"):
+            value = pixels.get(axis, "1")
+            try:
+                sizes[axis] = int(value)
+            except ValueError:
+                sizes[axis] = 0
+            if sizes[axis] < 1:
+                raise ReadError(path, f"has OME-XML declaring {axis}={value!r}, not a positive whole number")
+        planes = sizes["SizeZ"] * sizes["SizeC"] * sizes["SizeT"]
+        # tifffile lists one entry per page the declared pixels fill
+        pages = sizes["SizeX"] * sizes["SizeY"] * planes // page_pixels
+        if max(planes, pages) > MAX_OME_PLANES:
+            described = " x ".join(f"{axis}={n}" for axis, n in sizes.items())
+            raise ReadError(path, f"has OME-XML declaring {described}, more than {MAX_OME_PLANES} pages of "
+                                  f"{page_pixels} pixels: the metadata is damaged")
 
 
 def check_tiff_size(path: Path, tif) -> None:
@@ -141,13 +214,27 @@ def field_of_view(rgb: np.ndarray, threshold: float = 0.08) -> np.ndarray:
         return np.repeat(np.repeat(small, step, axis=0), step, axis=1)[: rgb.shape[0], : rgb.shape[1]]
     red = rgb[..., 0]
     scale = float(np.percentile(red, 99.5)) or 1.0
-    # Filtered straight from the stored values (scipy sums in float64): no float copy of the channel.
-    mask = ndimage.uniform_filter(red, 5, output=np.float32) > threshold * scale
+    # The 5x5 mean compared as a 5x5 sum, held in 16 bits (a float copy of the channel, or of the
+    # filtered result, would be 4-8 bytes a pixel); 8-bit photos' sums stay below 6376.
+    if red.dtype.itemsize == 1:
+        box = ndimage.correlate1d(red, np.ones(5), axis=0, output=np.uint16)
+        ndimage.correlate1d(box, np.ones(5), axis=1, output=box)
+        mask = box > 25 * threshold * scale
+    else:
+        box = ndimage.uniform_filter(red, 5, output=np.float32)
+        mask = box > threshold * scale
+    del box
     mask = ndimage.binary_opening(mask, iterations=2)
-    labelled, n = ndimage.label(mask)
+    try:  # 16-bit labels unless the mask falls into more than 65535 pieces
+        labelled, n = ndimage.label(mask, output=np.uint16)
+    except RuntimeError:
+        labelled, n = ndimage.label(mask)
     if n > 1:
-        sizes = np.bincount(labelled.ravel())[1:]
-        mask = labelled == (int(np.argmax(sizes)) + 1)
+        flat = labelled.reshape(-1)
+        sizes = np.zeros(n + 1, np.int64)
+        for start in range(0, flat.size, 1 << 16):  # bincount widens to 64 bits: a slice at a time
+            sizes += np.bincount(flat[start:start + (1 << 16)], minlength=n + 1)
+        mask = labelled == (int(np.argmax(sizes[1:])) + 1)
     del labelled
     return ndimage.binary_fill_holes(mask)
 

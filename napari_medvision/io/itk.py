@@ -7,6 +7,7 @@ SimpleITK's array is already ``(z, y, x)``; its geometry is ``(x, y, z)`` and is
 from __future__ import annotations
 
 import json
+import stat
 from pathlib import Path
 
 import numpy as np
@@ -45,7 +46,7 @@ def read_itk(path: Path, **_) -> list[Volume]:
             np.asarray(image.GetDirection()).reshape(4, 4)[:3, :3].ravel())
     else:
         spacing, origin, direction = from_itk_geometry(image.GetSpacing(), image.GetOrigin(), image.GetDirection())
-    meta = {k: image.GetMetaData(k) for k in image.GetMetaDataKeys() if len(image.GetMetaData(k)) < 4000}
+    meta = _metadata(image)
     modality = next((meta[k] for k in _MODALITY_KEYS if k in meta), None)
     if modality == "MET_MOD_UNKNOWN":
         modality = None
@@ -56,6 +57,20 @@ def read_itk(path: Path, **_) -> list[Volume]:
                    rgb=rgb, labels=labels, meta=meta)]
 
 
+def _metadata(image) -> dict[str, str]:
+    """The image's text fields under 4000 characters; a field whose key or value is not valid
+    text (a damaged header) is left out rather than failing the whole file."""
+    meta = {}
+    for key in image.GetMetaDataKeys():
+        try:
+            value = image.GetMetaData(key)
+        except (TypeError, UnicodeDecodeError, RuntimeError):
+            continue
+        if len(value) < 4000:
+            meta[key] = value
+    return meta
+
+
 # Expansion allowed per NRRD encoding / MetaImage compression: raw data must be all there,
 # text needs at least two characters ("0 ") per value of up to 8 bytes, deflate at most 1032-fold.
 _EXPANSION = {"raw": 1.0, "text": 4.0, "txt": 4.0, "ascii": 4.0, "hex": 0.5}
@@ -64,18 +79,22 @@ _EXPANSION = {"raw": 1.0, "text": 4.0, "txt": 4.0, "ascii": 4.0, "hex": 0.5}
 def _check_declared_size(sitk, path: Path) -> None:
     """ReadError before SimpleITK allocates, when the header declares more voxels than its data
     (raw, text or compressed) can hold, or than this process can take."""
+    head = _header_text(path)
+    if not head.startswith("NRRD"):
+        _check_metaimage_fields(path, head)
+    data_files = _data_files(path, head)
+    for data_file in data_files or ():
+        _check_data_file(path, data_file)
     info = sitk.ImageFileReader()
     info.SetFileName(str(path))
     info.ReadImageInformation()
     shape = tuple(info.GetSize()) + (info.GetNumberOfComponents(),)
     itemsize = sitk.Image([1] * info.GetDimension(), info.GetPixelID()).GetSizeOfPixelComponent() \
         if info.GetPixelID() != sitk.sitkUnknown else 8
-    head = _header_text(path)
-    data_files = _data_files(path, head)
     if data_files is None:  # a file list or pattern: SimpleITK checks each file
         check_memory(path, "the image", declared_bytes(shape, itemsize))
         return
-    stored = sum(f.stat().st_size for f in data_files if f.is_file())
+    stored = sum(f.stat().st_size for f in data_files)
     encoding = _encoding(head)
     if encoding in _EXPANSION:
         header_bytes = len(head) if data_files == [path] else 0
@@ -83,6 +102,58 @@ def _check_declared_size(sitk, path: Path) -> None:
     else:
         check_compressed(path, "the image", shape, itemsize, stored)
     check_memory(path, "the image", declared_bytes(shape, itemsize))
+
+
+# MetaImage numeric fields and how many values each holds, for n dimensions.
+_META_VECTORS = {name.lower(): (name, power) for name, power in (
+    ("DimSize", 1), ("ElementSpacing", 1), ("ElementSize", 1), ("Offset", 1), ("Position", 1), ("Origin", 1),
+    ("CenterOfRotation", 1), ("TransformMatrix", 2), ("Rotation", 2), ("Orientation", 2))}
+MAX_DIMENSIONS = 5  # SimpleITK's largest image dimension
+# Largest spacing, origin or matrix entry: products of two stay finite (1e308 made ITK's SVD of
+# the direction spin on an infinite entry).
+MAX_FIELD_VALUE = 1e30
+
+
+def _check_metaimage_fields(path: Path, head: str) -> None:
+    """ReadError when a MetaImage header's dimension count, sizes or geometry are not finite
+    numbers in range: SimpleITK's MetaIO crashes on ``NDims = 99999999`` and hangs on an
+    infinite direction matrix."""
+    fields = _fields(head)
+    ndims = fields.get("ndims", "")
+    if not ndims.isdigit() or not 1 <= int(ndims) <= MAX_DIMENSIONS:
+        raise ReadError(path, f"has NDims = {ndims!r}; a MetaImage has 1 to {MAX_DIMENSIONS} dimensions")
+    n = int(ndims)
+    for key, (name, power) in _META_VECTORS.items():
+        if key not in fields:
+            continue
+        try:
+            values = [float(v) for v in fields[key].split()]
+        except ValueError:
+            values = []
+        if len(values) < n ** power or not all(abs(v) <= MAX_FIELD_VALUE for v in values):  # NaN fails too
+            raise ReadError(path, f"has a damaged {name} field ({fields[key][:60]!r}): expected {n ** power} "
+                                  f"numbers of at most {MAX_FIELD_VALUE:g} in size")
+        if key == "dimsize" and not all(v >= 1 and v == int(v) for v in values):
+            raise ReadError(path, f"has DimSize = {fields[key][:60]!r}; sizes are positive whole numbers")
+    channels = fields.get("elementnumberofchannels", "1")
+    if not channels.isdigit() or int(channels) < 1:
+        raise ReadError(path, f"has ElementNumberOfChannels = {channels!r}; expected a positive whole number")
+
+
+def _check_data_file(path: Path, data_file: Path) -> None:
+    """ReadError unless the data file a detached header names is a regular, non-empty file: a
+    device (``/dev/zero``), folder, pipe or ``/proc`` file would be read as voxels or block."""
+    if data_file == path:
+        return
+    try:
+        info = data_file.stat()
+    except OSError:
+        raise ReadError(path, f"names the data file {data_file.name!r}, which does not exist") from None
+    if not stat.S_ISREG(info.st_mode):
+        raise ReadError(path, f"names the data file {str(data_file)!r}, which is not a regular file "
+                              "(a device, folder or pipe)")
+    if info.st_size == 0:
+        raise ReadError(path, f"names the data file {str(data_file)!r}, which is empty")
 
 
 def _header_text(path: Path) -> str:
