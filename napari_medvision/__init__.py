@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import importlib
+
 from . import io
 from .io import load, load_all, save
 from .volume import Volume
@@ -23,8 +25,6 @@ __all__ = ["Volume", "load", "load_all", "save", "segment", "synthesize", "synth
 def __getattr__(name: str):
     # Models and tasks import torch: load them on first use so `import napari_medvision` stays fast.
     if name in ("models", "atlases"):
-        import importlib
-
         return importlib.import_module(f"{__name__}.{name}")
     if name == "segment":
         from .tasks.segment import segment

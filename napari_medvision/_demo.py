@@ -13,8 +13,10 @@ import time
 from pathlib import Path
 
 import numpy as np
+from PIL import Image
 
 from . import io, synthetic
+from ._napari.demo import screenshot_files
 
 DEMO_MODEL = "ct-abdomen-organs-3d"
 
@@ -48,8 +50,6 @@ def run_demo(output: Path, headless: bool = True, model: str = DEMO_MODEL) -> di
         picture = output / "sample_ct_slice.png"
         _slice_picture(image, labels, picture)
     else:
-        from ._napari.demo import screenshot_files
-
         picture = output / "screenshot.png"
         screenshot_files(shown, picture)
     summary.update(picture=str(picture), seconds=round(time.perf_counter() - start, 2))
@@ -84,7 +84,6 @@ def _dice_by_name(prediction, truth) -> dict[str, float]:
 
 def _slice_picture(image, labels, path: Path) -> None:
     """Middle axial slice in a soft-tissue window with label outlines, as an 8-bit PNG."""
-    from PIL import Image
     from scipy import ndimage
 
     z = image.data.shape[0] // 2

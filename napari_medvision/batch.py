@@ -10,6 +10,7 @@ check, outputs, records) is in :mod:`.batch_worker`; finding the scans in :mod:`
 from __future__ import annotations
 
 import csv
+import importlib.util
 import os
 import sys
 import time
@@ -23,6 +24,7 @@ from distributed import Client, KilledWorker, LocalCluster, wait
 from .batch_inputs import Scan, find_scans
 from .batch_worker import Job, run_scan, write_record
 from .engine.progress import CancelToken, Cancelled, ProgressFn, check, report
+from .models.registry import CardError, get_card
 
 TASKS = ("segment", "synthesize", "prompt")
 WORKER_MEMORY = 4 * 2**30  # bytes a worker is given at least: a 512x512x300 CT, its labels and a model
@@ -239,8 +241,6 @@ def _job(task, model, out: Path, resume, rtstruct, device, options) -> Job:
 
 def _model_checksum(model) -> Optional[str]:
     """The weights' sha256 from the model card; None for ids that are not weights (atlases)."""
-    from .models.registry import CardError, get_card
-
     try:
         return get_card(model).sha256 or None
     except CardError:
@@ -250,8 +250,6 @@ def _model_checksum(model) -> Optional[str]:
 
 
 def _atlases_available() -> bool:
-    import importlib.util
-
     return importlib.util.find_spec(f"{__package__}.atlases") is not None
 
 

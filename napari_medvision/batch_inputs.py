@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .io import ReadError, readable_suffixes
+from .io.dicom_scan import find_dicom_files, group_series, has_dicom_marker, read_headers
 from .io.formats import suffix_of
 
 GLOB_CHARS = set("*?[")
@@ -84,8 +85,6 @@ def _scans_at(path: Path, out_dir: Path | None, top: bool = True) -> list[Scan]:
 
 def _dicom_series(folder: Path) -> list[Scan]:
     """One scan per image series among the DICOM files directly in ``folder`` (SEGs are outputs, not scans)."""
-    from .io.dicom_scan import find_dicom_files, group_series, read_headers
-
     files = [p for p in sorted(folder.iterdir()) if p.is_file() and _is_dicom(p)]
     if not files:
         return []
@@ -99,8 +98,6 @@ def _dicom_series(folder: Path) -> list[Scan]:
 
 
 def _is_dicom(path: Path) -> bool:
-    from .io.dicom_scan import has_dicom_marker
-
     return suffix_of(path) in (".dcm", ".dicom", ".ima") or has_dicom_marker(path)
 
 

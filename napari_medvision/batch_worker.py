@@ -25,8 +25,17 @@ from typing import Any, Callable
 
 import numpy as np
 
+from . import io
 from .batch_inputs import Scan
+from .engine.device import resolve_device
+from .io.dicom import find_series
+from .io.dicom_scan import choose_series
+from .io.dicom_write import write_dicom_series
 from .io.formats import suffix_of
+from .io.rtstruct_write import write_rtstruct
+from .models.registry import CardError, get_card, load_model
+from .tasks.segment import segment
+from .tasks.synthesize import synthesize
 from .volume import Volume
 
 RECORDS = "records"
@@ -70,8 +79,6 @@ def run_scan(scan: Scan, job: Job) -> dict:
         if job.resume and _still_valid(previous, key, Path(job.out_dir)):
             previous.update(status="skipped", worker=record["worker"])
             return previous
-        from . import io
-
         volume = io.load(scan.path, **scan.load_options())
         volume.meta["source"] = scan.path
         result = _run_task(volume, job, examples)
@@ -96,12 +103,8 @@ def _run_task(volume: Volume, job: Job, examples) -> Volume:
     if callable(job.task):
         return job.task(volume, **options)
     if job.task == "segment":
-        from .tasks.segment import segment
-
         return segment(volume, model=job.model, device=job.device, network=_network(job.model, job.device), **options)
     if job.task == "synthesize":
-        from .tasks.synthesize import synthesize
-
         return synthesize(volume, model=job.model or "mvg-generalist", device=job.device, examples=examples, **options)
     if job.task == "prompt":
         from .tasks.prompting import prompt
@@ -114,9 +117,6 @@ def _run_task(volume: Volume, job: Job, examples) -> Volume:
 
 def _network(model, device):
     """The segmentation network of ``model`` on this worker, loaded at its first scan (None: not a network)."""
-    from .engine.device import resolve_device
-    from .models.registry import CardError, get_card, load_model
-
     try:
         card = get_card(model)
     except CardError:
@@ -143,8 +143,6 @@ def _examples(scan: Scan, job: Job) -> list[tuple[Volume, Volume]] | None:
     pairs = scan.examples or tuple(job.options.get("examples") or ())
     if not pairs:
         return None
-    from . import io
-
     loaded = []
     for pair in pairs:
         if isinstance(pair[0], Volume):
@@ -187,9 +185,6 @@ def input_checksum(scan: Scan) -> str:
     """sha256 over the scan's files (for a DICOM series: that series' files, in path order)."""
     path = Path(scan.path)
     if path.is_dir() and suffix_of(path) not in (".zarr", ".ome.zarr"):
-        from .io.dicom import find_series
-        from .io.dicom_scan import choose_series
-
         chosen = choose_series(path, find_series(path), scan.series)
         return _files_checksum(sorted(f.path for f in chosen.files))
     return _files_checksum(_files_of(path))
@@ -236,8 +231,6 @@ def output_names(result: Volume, volume: Volume, scan: Scan, job: Job) -> list[s
 
 def write_outputs(result: Volume, volume: Volume, scan: Scan, job: Job) -> list[str]:
     """Write ``result`` beside the others in the output folder, each file whole or not at all."""
-    from . import io
-
     out = Path(job.out_dir)
     result.meta.setdefault("source", scan.path)
     for key in ("SeriesInstanceUID", "StudyInstanceUID", "FrameOfReferenceUID"):
@@ -249,12 +242,8 @@ def write_outputs(result: Volume, volume: Volume, scan: Scan, job: Job) -> list[
         tmp = out / f".{uuid.uuid4().hex[:8]}.partial.{name}"
         try:
             if name.endswith(".rtstruct.dcm"):
-                from .io.rtstruct_write import write_rtstruct
-
                 write_rtstruct(result, tmp, source=scan.path)
             elif name.endswith(".dicom"):
-                from .io.dicom_write import write_dicom_series
-
                 write_dicom_series(result, tmp, f"medvision {job.model or job.task}",
                                    study_uid=volume.meta.get("StudyInstanceUID"),
                                    frame_of_reference_uid=volume.meta.get("FrameOfReferenceUID"))

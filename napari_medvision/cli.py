@@ -12,8 +12,18 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
+
+from . import io, models
+from ._demo import run_demo
+from .cli_atlases import add_parser as add_atlases_parser
+from .cli_atlases import print_atlas_use
+from .engine.progress import terminal_progress
 from .io import ReadError, WriteError
-from .tasks.segment import SEGMENT_OVERLAP
+from .tasks.finetune import ANCHOR, FinetuneOptions, finetune
+from .tasks.segment import SEGMENT_OVERLAP, segment
+from .tasks.synthesis_tasks import TASKS
+from .tasks.synthesize import synthesize
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -137,8 +147,6 @@ def _parser() -> argparse.ArgumentParser:
     models.add_argument("--rollback", metavar="ID", help="make this version the current one of its line")
     models.set_defaults(run=_models)
 
-    from .cli_atlases import add_parser as add_atlases_parser
-
     add_atlases_parser(sub)
 
     bat = sub.add_parser("batch", help="run segment / synthesize / prompt over a cohort on Dask; resumable, "
@@ -178,8 +186,6 @@ def _summary(path: str, volumes) -> dict:
 
 
 def _load(args) -> int:
-    from . import io
-
     options = _series_option(args)
     if args.modality:
         options["modality"] = args.modality
@@ -204,10 +210,6 @@ def _series_option(args) -> dict:
 
 
 def _segment(args) -> int:
-    from . import io
-    from .engine.progress import terminal_progress
-    from .tasks.segment import segment
-
     from .tasks.contrasts import contrasts_from_arguments
 
     volume = contrasts_from_arguments(args) or io.load(args.input, **_series_option(args))
@@ -216,8 +218,6 @@ def _segment(args) -> int:
     io.save(labels, args.output)
     found = sorted(labels.labels[v] for v in set(int(x) for x in _unique(labels.data)) if v in labels.labels)
     print(f"wrote {args.output}: {len(found)} structures found ({', '.join(found)})")
-    from .cli_atlases import print_atlas_use
-
     print_atlas_use(labels.meta)
     for region, ml in labels.meta.get("volumes_ml", {}).items():
         print(f"  {region}: {ml} mL")
@@ -233,7 +233,6 @@ def _prefer_reader(args) -> int:
 
 
 def _measure(args) -> int:
-    from . import io
     from .tasks.measure import measure, measure_csv
 
     labels = io.load(args.labels)
@@ -250,10 +249,6 @@ def _measure(args) -> int:
 
 
 def _finetune(args) -> int:
-    from . import io
-    from .engine.progress import terminal_progress
-    from .tasks.finetune import ANCHOR, FinetuneOptions, finetune
-
     if len(args.labels) != len(args.image):
         raise ValueError(f"{len(args.image)} --image but {len(args.labels)} --labels: give one label map per image")
     slices = None
@@ -283,8 +278,6 @@ def _finetune(args) -> int:
 
 
 def _prompt(args) -> int:
-    from . import io
-    from .engine.progress import terminal_progress
     from .tasks.prompting import prompt
 
     volume = io.load(args.input)
@@ -305,11 +298,6 @@ def _prompt(args) -> int:
 
 
 def _synthesize(args) -> int:
-    from . import io
-    from .engine.progress import terminal_progress
-    from .tasks.synthesis_tasks import TASKS
-    from .tasks.synthesize import synthesize
-
     if args.list_tasks:
         for name in sorted(TASKS):
             print(f"{name:24s} {TASKS[name].description}")
@@ -336,14 +324,10 @@ def _synthesize(args) -> int:
 
 
 def _unique(data):
-    import numpy as np
-
     return np.unique(np.asarray(data))
 
 
 def _models(args) -> int:
-    from . import models
-
     if args.rollback:
         chosen = models.rollback(args.rollback)
         print(f"{chosen} is now the current version of {models.versions(chosen)[0]['id']}'s line")
@@ -403,8 +387,6 @@ def _short_metric(value, words: int = 25, first_clause: bool = False) -> str:
 
 def _batch(args) -> int:
     from .batch import batch
-    from .engine.progress import terminal_progress
-
     options = {"examples": [tuple(pair) for pair in args.example]} if args.example else {}
     result = batch(args.inputs, args.output, task=args.task, model=args.model, scheduler=args.scheduler,
                    n_workers=args.workers, resume=not args.no_resume, rtstruct=args.rtstruct, device=args.device,
@@ -417,8 +399,6 @@ def _batch(args) -> int:
 
 
 def _demo(args) -> int:
-    from ._demo import run_demo
-
     result = run_demo(Path(args.output), headless=args.headless or not _display_available())
     print(json.dumps(result, indent=1))
     return 0

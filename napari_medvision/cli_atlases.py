@@ -4,6 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
+from . import atlases
+from .io import load
+
 
 def add_parser(sub) -> None:
     """Add the ``atlases`` subcommand to the ``medvision`` parser's subparsers."""
@@ -24,9 +29,6 @@ def add_parser(sub) -> None:
 
 
 def _run(args) -> int:
-    from . import atlases
-    from .io import load
-
     command = args.atlas_command or "list"
     if command == "list":
         sets = atlases.available()
@@ -60,8 +62,6 @@ def _run(args) -> int:
 
 def _as_labels(volume):
     """A label map read from a file without label names gets generic ones ("label k")."""
-    import numpy as np
-
     if volume.labels is not None:
         return volume
     data = np.asarray(volume.data)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 from pathlib import Path
 
@@ -101,7 +102,9 @@ def test_a_prompt_on_the_torch_path_gives_the_simpleitk_paths_masks(monkeypatch)
     annotations = labels.with_data(painted, labels={1: "liver"})
 
     reference = mv.prompt(image, annotations=annotations, device="cpu", cache=False)
-    monkeypatch.setattr(propagate, "demons_backend", lambda device=None: "torch")
+    prompt_module = importlib.import_module("napari_medvision.tasks.prompting.prompt")  # the package exports the function
+    for module in (propagate, prompt_module):  # prompt.py calls the name it imported
+        monkeypatch.setattr(module, "demons_backend", lambda device=None: "torch")
     on_torch = mv.prompt(image, annotations=annotations, device="cpu", cache=False)
 
     np.testing.assert_array_equal(on_torch.data, reference.data)

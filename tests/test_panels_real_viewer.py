@@ -18,6 +18,7 @@ pytest.importorskip("napari")
 
 from napari.layers import Layer  # noqa: E402
 from qtpy.QtCore import QTimer  # noqa: E402
+from qtpy.QtWidgets import QAbstractSpinBox, QCheckBox, QComboBox, QLineEdit, QSlider, QWidget  # noqa: E402
 
 import napari_medvision as mv  # noqa: E402
 from napari_medvision._napari.layers import volume_to_layer  # noqa: E402
@@ -127,3 +128,16 @@ def test_synthesize_panel_on_a_real_brain(make_napari_viewer, qtbot, data_dir):
     assert panel.model_box.currentData() == chosen_model
     assert panel.runner.bar.value() == panel.runner.bar.maximum()
     assert longest <= MAX_GAP_S, f"the viewer stalled {longest * 1000:.0f} ms"
+
+
+@pytest.mark.parametrize("name", ["Interactive", "Batch", "Prompt", "Metrics"])
+def test_every_field_of_a_panel_has_a_tooltip(make_napari_viewer, name):
+    """Hovering any field says what it takes (and its unit): no input widget without a tooltip."""
+    _, panel = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, name)
+    fields = [w for w in panel.findChildren(QWidget)
+              if isinstance(w, (QCheckBox, QComboBox, QLineEdit, QAbstractSpinBox, QSlider))
+              and not isinstance(w.parentWidget(), (QComboBox, QAbstractSpinBox))]  # their own line edits
+    assert fields
+    silent = [f"{type(w).__name__} {getattr(w, 'text', lambda: '')() or getattr(w, 'placeholderText', lambda: '')()}"
+              for w in fields if not w.toolTip().strip()]
+    assert not silent, f"{name} panel fields without a tooltip: {silent}"

@@ -123,6 +123,7 @@ def test_a_denoising_pair_runs_on_the_query_pixels_and_a_contrast_pair_at_the_ex
     example's pixel spacing; a pair in one unit space (denoising, inpainting) shows a local
     operation, so the query keeps its own pixels (resampled, a small object would lose its detail)."""
     from napari_medvision.engine import synthesis
+    from napari_medvision.tasks import synthesize as synthesize_module
 
     shapes = []
     generate = synthesis.generate_slices
@@ -131,7 +132,7 @@ def test_a_denoising_pair_runs_on_the_query_pixels_and_a_contrast_pair_at_the_ex
         shapes.append(queries[0].shape)
         return generate(network, queries, *args, **kwargs)
 
-    monkeypatch.setattr(synthesis, "generate_slices", recording)
+    monkeypatch.setattr(synthesize_module, "generate_slices", recording)  # the name tasks.synthesize calls
     t1, t2, _ = brain
 
     def coarse(volume):  # the example at twice the query's pixel size

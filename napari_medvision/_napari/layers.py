@@ -13,6 +13,7 @@ closest to; ``metadata["medvision"]["layer_axes"]`` records the order and saving
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -406,8 +407,6 @@ def _kind(vol: Volume) -> str:
 
 
 def _default_name(vol: Volume) -> str:
-    from pathlib import Path
-
     source = vol.meta.get("source")
     if source:
         name = Path(source).name

@@ -12,6 +12,8 @@ import os
 from pathlib import Path
 from typing import Any, Callable
 
+from ..io import MultipleSeriesError, ReadError, load_all, readable_suffixes
+from ..io.formats import READERS, suffix_of
 from .layers import LayerDataTuple, volume_to_layers
 from .notify import qt_app_running, show_notice, show_problem
 
@@ -40,8 +42,6 @@ def read(path: str | list[str]) -> list[LayerDataTuple]:
 
 
 def _read_one(path: Path, **options: Any) -> list[LayerDataTuple]:
-    from ..io import MultipleSeriesError, ReadError, load_all
-
     try:
         volumes = load_all(path, **options)
         layers = volume_to_layers(volumes, stem=layer_name(path))
@@ -108,9 +108,6 @@ def _sentence(path: Path, problem: str) -> str:
 
 
 def _can_read(path: Path) -> bool:
-    from ..io import readable_suffixes
-    from ..io.formats import READERS, suffix_of
-
     if path.is_dir():
         return (_is_image_folder(path) or any(r.folders and _sniffs(r, path) for r in READERS)
                 or _holds_no_image(path))
@@ -154,9 +151,6 @@ def _holds_no_image(path: Path) -> bool:
     medvision takes these so that the user gets its one-sentence error naming the folder, not
     napari's generic refusal; a folder of pictures stays with the readers that stack them.
     """
-    from ..io import readable_suffixes
-    from ..io.formats import suffix_of
-
     image_suffixes = set(readable_suffixes())
     seen = 0
     for root, dirs, files in os.walk(path):

@@ -6,6 +6,7 @@ so every layer name says "(synthetic)".
 
 from __future__ import annotations
 
+from ..synthetic import sample
 from .layers import LayerDataTuple, volume_to_layer
 
 TITLES = {"ct": "CT abdomen", "mr": "MR brain", "oct": "OCT macula", "fundus": "Fundus photo"}
@@ -14,8 +15,6 @@ MR_FIRST = "T1"  # shown visible; the other contrasts are added hidden, one laye
 
 def sample_layers(name: str, seed: int = 0) -> list[LayerDataTuple]:
     """Layers of synthetic sample ``name``: the image (every MR contrast), then its labels."""
-    from ..synthetic import sample
-
     image, labels = sample(name, seed=seed)
     title = TITLES.get(name, name)
     layers: list[LayerDataTuple] = []

@@ -11,6 +11,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from ..io import WriteError, save
 from .layers import METADATA_KEY, layer_to_volume, scan_metadata_for
 from .notify import show_problem
 
@@ -32,8 +33,6 @@ def write_labels(path: str, data: Any, meta: dict) -> list[str]:
 
 
 def _write(path: str, data: Any, meta: dict, layer_type: str) -> list[str]:
-    from ..io import WriteError, save
-
     target = Path(path)
     what = meta.get("name") or layer_type
     try:

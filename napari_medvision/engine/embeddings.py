@@ -26,6 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..volume import Volume
 from .cache import CACHE_FORMAT, cache_dir, content_hash, read_arrays, wait_for_write, write_arrays_later
 from .device import resolve_device
 from .progress import CancelToken, ProgressFn, check, report
@@ -115,8 +116,6 @@ class FeatureVolume:
 
 def _as_slices(volume: Any) -> tuple[Any, bool]:
     """``(array (n, H, W[, 3]), rgb)`` from a Volume or array; 2D images become one slice."""
-    from ..volume import Volume
-
     rgb = bool(volume.rgb) if isinstance(volume, Volume) else False
     data = volume.data if isinstance(volume, Volume) else volume  # numpy's own .data is a buffer
     if not hasattr(data, "shape"):

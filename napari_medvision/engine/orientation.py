@@ -15,6 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 import numpy as np
+from nibabel.orientations import (aff2axcodes, apply_orientation, axcodes2ornt, inv_ornt_aff, io_orientation,
+                                  ornt_transform)
 
 from ..volume import Volume
 
@@ -24,8 +26,6 @@ _WORLD_AXES = (("I", "S"), ("A", "P"), ("R", "L"))
 
 def layout_ornt(code: str) -> np.ndarray:
     """nibabel ``ornt`` (per array axis: world axis, flip) of an array in the ITK layout ``code``."""
-    from nibabel.orientations import axcodes2ornt
-
     letters = str(code).upper()
     axes = {k for c in letters for k, pair in enumerate(_WORLD_AXES) if c in pair}
     if len(letters) != 3 or axes != {0, 1, 2}:  # three letters, one per world axis
@@ -35,8 +35,6 @@ def layout_ornt(code: str) -> np.ndarray:
 
 def layout_of(volume: Volume) -> str:
     """The ITK layout code of a 3D volume's array axes (nearest axis per direction column)."""
-    from nibabel.orientations import aff2axcodes
-
     return "".join(aff2axcodes(volume.affine(), _WORLD_AXES))[::-1]
 
 
@@ -46,8 +44,6 @@ def model_layout(volume: Volume, card_input: dict[str, Any]) -> tuple[Volume, np
     code = card_input.get("orientation")
     if code is None or volume.ndim != 3 or volume.rgb or volume.n_leading:
         return volume, None
-    from nibabel.orientations import inv_ornt_aff, io_orientation, ornt_transform
-
     ornt = ornt_transform(io_orientation(volume.affine()), layout_ornt(code))
     if np.array_equal(ornt, [[0, 1], [1, 1], [2, 1]]):
         return volume, None
@@ -64,8 +60,6 @@ def in_model_layout(array: np.ndarray, ornt: np.ndarray | None) -> np.ndarray:
     """A spatial array on the input's grid (labels, masks) turned as :func:`model_layout` turned its volume."""
     if ornt is None:
         return array
-    from nibabel.orientations import apply_orientation
-
     return np.ascontiguousarray(apply_orientation(array, ornt))
 
 

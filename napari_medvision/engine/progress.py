@@ -7,6 +7,7 @@ their cancel button sets. Nothing here knows about Qt.
 
 from __future__ import annotations
 
+import sys
 import threading
 from typing import Callable, Optional
 
@@ -52,8 +53,6 @@ def check(cancel: Optional[CancelToken]) -> None:
 
 def terminal_progress(prefix: str = "") -> ProgressFn:
     """A progress callback that redraws one line on a terminal (used by the CLI)."""
-    import sys
-
     def show(done: int, total: int, message: str = "") -> None:
         width = 30
         filled = int(width * done / max(total, 1))

@@ -24,8 +24,9 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from ..io.errors import ReadError
 from .card import CardError, sha256_of
-from .registry import register_architecture
+from .registry import get_card, load_state_dict, register_architecture
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -205,8 +206,6 @@ def load_backbone(source: str | os.PathLike) -> Backbone:
         return Backbone(network, RANDOM_SOURCES[text], f"{text}-seed{RANDOM_SEED}", text)
     path = Path(text).expanduser()
     if path.suffix in (".pth", ".pt", ".safetensors") and not path.with_suffix(".json").exists():
-        from ..io.errors import ReadError
-
         if not path.is_file():
             raise ReadError(path, "this DINO checkpoint file does not exist")
         try:
@@ -215,8 +214,6 @@ def load_backbone(source: str | os.PathLike) -> Backbone:
         except (ValueError, RuntimeError, OSError) as exc:
             raise ReadError(path, f"cannot be read as a DINOv2/DINOv3 checkpoint ({exc})") from exc
         return Backbone(network, name, sha256_of(path), str(path))
-    from .registry import get_card, load_state_dict
-
     card = get_card(source)
     config = card.architecture.get("config", {})
     state = load_state_dict(card)  # checks the card's sha256

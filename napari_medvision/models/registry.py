@@ -8,6 +8,7 @@ through safetensors or ``torch.load(weights_only=True)``.
 
 from __future__ import annotations
 
+import importlib
 import os
 import uuid
 from pathlib import Path
@@ -63,8 +64,6 @@ def register_architecture(name: str):
 
 def build_model(architecture: dict[str, Any]) -> "torch.nn.Module":
     """A freshly initialised network from a card's ``architecture`` entry ``{name, config}``."""
-    import importlib
-
     for module in _ARCHITECTURE_MODULES:
         importlib.import_module(f"{__package__}.{module}")
     name = architecture.get("name")

@@ -28,6 +28,7 @@ import numpy as np
 from .. import io
 from ..atlases import CARD_NAME, shipped_dir
 from ..models.card import sha256_of
+from ..volume import Volume
 from .common import data_dir
 from .ct_organs import LABELS, totalsegmentator_to_ours
 
@@ -99,8 +100,6 @@ def aseg_brain(path: Path, spacing: float = 1.5):
     (0, 0, 1), (-1, 0, 0), (0, -1, 0) in the Volume's reversed (S, P, L) order.
     """
     from ..engine.resample import to_model_grid
-    from ..volume import Volume
-
     data = np.load(path)
     grey = np.clip(np.asarray(data["vol"], np.float32) * 255, 0, 255)
     seg = np.asarray(data["seg"]).astype(np.int32)

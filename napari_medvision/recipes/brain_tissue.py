@@ -22,7 +22,8 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
-from ..synthetic.brain import LABELS
+from ..synthetic import brain_mr
+from ..synthetic.brain import LABELS, random_contrast
 from .common import (data_dir, init_summary, new_network, prepare_run, print_every, recipe_arguments, save_shipped,
                      training_summary, window_probabilities)
 
@@ -44,9 +45,6 @@ def phantoms(seeds, template, random_contrasts: int = 0, shape=PHANTOM_SHAPE, sk
     tissue intensities (``synthetic.brain.random_contrast``) and, with ``skull_stripped``, one of
     them again with everything outside the brain set to 0; all of one deformed anatomy."""
     from ..engine.normalise import normalise
-    from ..synthetic import brain_mr
-    from ..synthetic.brain import random_contrast
-
     images, labels = [], []
     for seed in seeds:
         contrast = CONTRAST_CYCLE[seed % len(CONTRAST_CYCLE)]

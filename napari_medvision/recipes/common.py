@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import platform
@@ -11,6 +12,9 @@ from datetime import date
 from pathlib import Path
 
 import numpy as np
+
+from ..engine.device import resolve_device
+from ..models.registry import build_model, save_model
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,8 +55,6 @@ def prepare_run(args) -> str:
     """Apply ``--threads`` and return the device to train on (``--device`` or the best available)."""
     import torch
 
-    from ..engine.device import resolve_device
-
     if args.threads:
         torch.set_num_threads(args.threads)
     return resolve_device(args.device)
@@ -61,8 +63,6 @@ def prepare_run(args) -> str:
 def new_network(dims: int, preset: str, in_channels: int, n_classes: int, seed: int):
     """A freshly initialised (seeded) TransUNet of ``dims`` dimensions and its card architecture entry."""
     import torch
-
-    from ..models.registry import build_model
 
     config = dict(architecture_preset(dims, preset), in_channels=in_channels, n_classes=n_classes)
     architecture = {"name": f"transunet{dims}d", "config": config}
@@ -136,8 +136,6 @@ def training_summary(device: str, result, config, data: str, synthetic_share: fl
 
 def save_shipped(network, card, out: Path) -> None:
     """Write weights + card into ``out`` (the recipes are the only writers of ``weights/``)."""
-    from ..models.registry import save_model
-
     card.source = "shipped-recipe"
     save_model(network, card, folder=out)
     print(f"wrote {out / (card.id + '.safetensors')} and its card")
@@ -167,8 +165,6 @@ def init_summary(init: Path | None) -> dict | None:
     """What a continued run started from: the weights' sha256 and their card's steps and data."""
     if init is None:
         return None
-    import hashlib
-
     card = init.with_suffix(".json")
     earlier = json.loads(card.read_text()).get("training", {}) if card.exists() else {}
     return {"weights": init.name, "sha256": hashlib.sha256(init.read_bytes()).hexdigest(),

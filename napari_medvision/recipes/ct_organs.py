@@ -28,10 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..engine.orientation import in_model_layout, model_layout
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
+from ..synthetic import ct_abdomen
 from ..synthetic.ct import LABELS
+from ..tasks.segment import SEGMENT_OVERLAP
 from .common import init_summary, window_probabilities, new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "ct-abdomen-organs-3d"
@@ -88,8 +91,6 @@ def real_ct_in_model_layout():
     """The real CT turned to the phantoms' (and the card's) array layout. On disk its y and x run
     toward anterior and patient-right, the phantoms' toward posterior and patient-left: trained
     on both as stored, the model met the spleen on either side and took the real one for liver."""
-    from ..engine.orientation import in_model_layout, model_layout
-
     image, labels = real_ct()
     turned, ornt = model_layout(image, {"orientation": ORIENTATION})
     if ornt is not None and tuple(ornt[0]) != (0, 1):
@@ -105,8 +106,6 @@ def normalise(hu: np.ndarray) -> np.ndarray:
 
 
 def phantoms(seeds):
-    from ..synthetic import ct_abdomen
-
     images, labels = [], []
     for seed in seeds:
         image, label = ct_abdomen(seed=seed, shape=PHANTOM_SHAPE, spacing=SPACING,
@@ -146,8 +145,6 @@ def real_ct_metrics(network, real: np.ndarray, labels: np.ndarray, device: str) 
     alone = real_slab_metrics(predict(network, real[:, REAL_HELD_OUT], device), labels[REAL_HELD_OUT])
     # at mv.segment's overlap, so the card gives the number a user gets (thin organs such as the
     # aorta score noticeably differently at overlaps 0.25 and 0.5)
-    from ..tasks.segment import SEGMENT_OVERLAP
-
     whole = real_slab_metrics(predict(network, real, device, overlap=SEGMENT_OVERLAP)[REAL_HELD_OUT],
                               labels[REAL_HELD_OUT])
     return {

@@ -19,6 +19,7 @@ from ..engine.normalise import normalise
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, train_segmentation
 from ..models.card import ModelCard
+from ..synthetic import fundus_photo
 from .common import window_probabilities, new_network, prepare_run, print_every, binary_metrics, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "fundus-vessels-2d"
@@ -48,8 +49,6 @@ def load_drive(root: Path, ids: list[int], normalisation=NORMALISATION):
 
 
 def synthetic_fundus(n: int, seed: int):
-    from ..synthetic import fundus_photo
-
     images, vessels = [], []
     for k in range(n):
         photo, labels = fundus_photo(seed=seed + k, size=(584, 565))

@@ -37,13 +37,23 @@ from __future__ import annotations
 import copy
 import math
 import sys
+import time
 from dataclasses import dataclass
+from datetime import date
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from .. import io
+from ..engine.device import resolve_device
+from ..models.card import ModelCard
+from ..models.dino import Backbone, create_network, state_checksum
+from ..synthetic import brain_mr, ct_abdomen, fundus_photo, oct_volume
+from ..synthetic.ct import LABELS
+from .common import data_dir, device_summary, recipe_arguments, save_shipped
 
 MODEL_ID = "medical-dino-vitt8"
 TIMM_NAME = "vit_small_patch14_reg4_dinov2"  # DINOv2's layout with 4 registers, built at patch 8
@@ -128,8 +138,6 @@ def _slices_of(volume, min_side: int = 32, stride: int = 1) -> list[np.ndarray]:
 
 def real_slices(root: Path, hold_out=HOLD_OUT, stride: int = 1, limit: int | None = None) -> list[np.ndarray]:
     """Slices of every image under ``root`` that ``mv.load`` reads, except label maps and ``hold_out``."""
-    from .. import io
-
     slices: list[np.ndarray] = []
     held = {str(root / h) for h in hold_out}
     for path in sorted(root.rglob("*")):
@@ -153,8 +161,6 @@ def real_slices(root: Path, hold_out=HOLD_OUT, stride: int = 1, limit: int | Non
 
 def synthetic_slices(n_per_kind: int, seed: int = 0, stride: int = 4) -> list[np.ndarray]:
     """Slices of synthetic CT, MR (all contrasts), OCT and fundus images (seeds ``seed``...)."""
-    from ..synthetic import brain_mr, ct_abdomen, fundus_photo, oct_volume
-
     out: list[np.ndarray] = []
     for i in range(n_per_kind):
         s = seed + i
@@ -223,8 +229,6 @@ class DinoModel(nn.Module):
 
     def __init__(self, config: DinoConfig):
         super().__init__()
-        from ..models.dino import create_network
-
         overrides = dict(OVERRIDES, img_size=config.global_size)
         if config.depth:
             overrides["depth"] = config.depth
@@ -332,8 +336,6 @@ def _cosine(start: float, end: float, step: float, total: float) -> float:
 def train(slices: list[np.ndarray], config: DinoConfig, steps: int, batch_size: int, device: str,
           time_budget: float | None = None, seed: int = 0, workers: int = 0, log=print):
     """The EMA teacher (``DinoModel``) after ``steps`` optimiser steps, and the loss history."""
-    import time
-
     torch.manual_seed(seed)
     np.random.seed(seed)
     student = DinoModel(config).to(device)
@@ -423,9 +425,6 @@ def label_transfer_dice(backbone, image, labels, slices: list[int], label: int, 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from ..engine.device import resolve_device
-    from .common import data_dir, recipe_arguments
-
     parser = recipe_arguments(__doc__.splitlines()[0], steps=60000, batch_size=128, preset="small")
     parser.add_argument("--smoke", action="store_true", help="tiny CPU check: a minute, nothing saved")
     parser.add_argument("--synthetic", type=int, default=8, help="synthetic scans of each kind")
@@ -465,7 +464,6 @@ def prompting_dice(backbone, image, labels: np.ndarray, counts=(1, 2, 3),
     The issue's test of a medical DINO: the prompt's appearance head alone (where features
     matter most) and the whole method, slices spread evenly over the organs' extent.
     """
-    from ..synthetic.ct import LABELS
     from ..tasks.prompting import prompt
 
     ids = [k for k, v in LABELS.items() if v in ORGANS]
@@ -489,11 +487,6 @@ def prompting_dice(backbone, image, labels: np.ndarray, counts=(1, 2, 3),
 def ship(network, config: DinoConfig, history, seconds: float, batch_size: int, device: str, seed: int, out,
          command: str) -> None:
     """Card (metrics on the held-out real CT, against a random ViT of the same shape) and weights into ``out``."""
-    from datetime import date
-
-    from ..models.card import ModelCard
-    from ..models.dino import Backbone, create_network, state_checksum
-    from .common import device_summary, save_shipped
     from .ct_organs import LABELS, real_ct
 
     backbone = Backbone(network.eval(), TIMM_NAME, state_checksum(network.state_dict()))

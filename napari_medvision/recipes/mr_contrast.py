@@ -28,10 +28,13 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
+from ..engine.synthesis import unit_scale
+from ..models.card import ModelCard
 from ..tasks.mr_contrast import (MODEL_TASK, N_FEATURES, OUTPUT_SCALE, brain_mask, fit_contrast_model, model_id,
                                  predict, voxel_features)
 from ..tasks.synthesis_baselines import intensity_map
-from .common import data_dir
+from .common import data_dir, save_shipped
+from .mvg_evaluation import _picture
 
 FOLDER = "mri_brain_multicontrast"
 FILES = {  # subject -> contrast -> file inside FOLDER
@@ -55,8 +58,6 @@ def load_contrast(subject: str, contrast: str, root: Path | None = None):
 
 def own_unit(values: np.ndarray) -> np.ndarray:
     """``values`` with their 0.5 and 99.5 percentiles at 0 and 1 (``engine.synthesis.unit_scale``)."""
-    from ..engine.synthesis import unit_scale
-
     return unit_scale(values, "MR").to_unit(values)
 
 
@@ -125,8 +126,6 @@ def leave_one_out(source: str, target: str, subjects=tuple(FILES), steps: int = 
                    **baselines(query, [volumes[s][0][0] for s in train], [volumes[s][1] for s in train])}
         results[held] = {name: ssim_scores(out, truth, brain) for name, out in outputs.items()}
         if pictures is not None:
-            from .mvg_evaluation import _picture
-
             pictures.mkdir(parents=True, exist_ok=True)
             _picture(pictures / f"mr_real_{source}_to_{target}_{held}.png",
                      [a[80] for a in (query, outputs["fitted model"], truth, outputs["histogram matching"],
@@ -144,8 +143,6 @@ def summary(results: dict) -> dict:
 
 def fit_and_card(source: str, target: str, loso: dict, steps: int):
     """The model fitted on all three brains and its card (metrics: the leave-one-subject-out scores)."""
-    from ..models.card import ModelCard
-
     volumes = []
     for subject in FILES:
         image, spacing = load_contrast(subject, source)
@@ -197,8 +194,6 @@ def main(argv=None) -> None:
         print(json.dumps({"task": task, "mean": summary(loso)}), flush=True)
         if args.evaluate_only or args.out is None:
             continue
-        from .common import save_shipped
-
         network, card = fit_and_card(source, target, loso, args.steps)
         save_shipped(network, card, args.out)
 

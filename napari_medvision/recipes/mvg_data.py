@@ -27,6 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from ..engine.synthesis import unit_scale
+from ..synthetic import brain_mr, ct_abdomen
+from ..tasks.synthesis_tasks import inpainting_holes, low_dose_ct
 
 
 
@@ -95,8 +97,6 @@ def _slices(volume: np.ndarray, keep: float = 0.7) -> list[np.ndarray]:
 
 
 def mr_family(seeds, template, log=print) -> Family:
-    from ..synthetic import brain_mr
-
     family = Family("mr synthesis", 0.3)
     for seed in seeds:
         rng = np.random.default_rng(seed)
@@ -114,8 +114,6 @@ def mr_family(seeds, template, log=print) -> Family:
 
 def ct_volumes(phantom_seeds, real_ct=None):
     """(clean HU volumes, label volumes, in-plane spacing) of CT phantoms and the real CT's training slab."""
-    from ..synthetic import ct_abdomen
-
     volumes = []
     for seed in phantom_seeds:
         image, labels = ct_abdomen(seed=seed, shape=(20, 128, 144), spacing=(6.0, 2.2, 2.2),
@@ -128,8 +126,6 @@ def ct_volumes(phantom_seeds, real_ct=None):
 
 
 def ct_families(volumes, rng, log=print) -> tuple[Family, Family]:
-    from ..tasks.synthesis_tasks import low_dose_ct
-
     denoise, organs = Family("ct denoising", 0.2, aligned=False), Family("segmentation", 0.35)
     window = unit_scale(np.zeros(1), "CT")
     for hu, labels, spacing in volumes:
@@ -163,8 +159,6 @@ class PairSampler:
     """Random training canvases: (prompt image, prompt target, query image, query target) tiles."""
 
     def __init__(self, families: list[Family], tile: int, seed: int = 0, inpaint_weight: float = 0.15):
-        from ..tasks.synthesis_tasks import inpainting_holes
-
         self.families = [f for f in families if f.variants]
         self.tile = tile
         self.rng = np.random.default_rng(seed)

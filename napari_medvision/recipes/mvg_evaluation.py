@@ -17,10 +17,19 @@ from pathlib import Path
 import numpy as np
 
 from .. import io
-from ..engine.synthesis import unit_scale
+from ..engine.synthesis import resize_slice, unit_scale
+from ..models import registry
+from ..synthetic import brain_mr
+from ..synthetic.ct import LABELS as CT_LABELS
 from ..tasks.synthesis_baselines import histogram_matching, identity, intensity_map, linear_map
+from ..tasks.synthesis_tasks import TASKS, inpainting_holes, low_dose_ct
+from ..tasks.synthesize import _run as run_pairs
+from ..tasks.synthesize import _self_inpainting_pairs
 from ..volume import Volume
 from .common import data_dir
+from .ct_organs import real_ct
+from .oct_layers import LABELS as OCT_LABELS
+from .oct_layers import real_bscan
 
 MR_TASKS = (("T1", "T2"), ("T1", "PD"), ("T2", "T1"))
 LOW_DOSE_PHOTONS = 2e4
@@ -39,8 +48,6 @@ def image_metrics(output: np.ndarray, truth: np.ndarray, scale, region: np.ndarr
 
 
 def _run(network, device, query: Volume, pairs, mask=None) -> Volume:
-    from ..tasks.synthesize import _run as run_pairs
-
     hole = None if mask is None else (mask[None] if mask.ndim == 2 else mask)
     return run_pairs(network, query, pairs, hole, device, steps=1, overlap=0.5, batch_size=32,
                      consistency=0.7, progress=None, cancel=None)
@@ -53,8 +60,6 @@ def _middle(volume: Volume, keep: float = 0.6) -> Volume:
 
 
 def evaluate_mr(network, device, pictures) -> dict:
-    from ..synthetic import brain_mr
-
     template = data_dir() / "mri_brain_mni152"
     subjects = [brain_mr(seed=s, shape=(80, 112, 96), spacing=(1.8, 1.6, 1.6), template=template)[0]
                 for s in (1000, 1001, 1002)]
@@ -84,9 +89,6 @@ def evaluate_mr(network, device, pictures) -> dict:
 
 
 def evaluate_ct_denoising(network, device, pictures) -> dict:
-    from ..tasks.synthesis_tasks import TASKS, low_dose_ct
-    from .ct_organs import real_ct
-
     rng = np.random.default_rng(7)
     real, _ = real_ct()
     phantom_dicom = io.load(data_dir() / "dicom_ct_phantom" / "volume.dcm")
@@ -122,11 +124,6 @@ def evaluate_ct_denoising(network, device, pictures) -> dict:
 def evaluate_inpainting(network, device, pictures) -> dict:
     from skimage.restoration import inpaint_biharmonic
 
-    from ..synthetic import brain_mr
-    from ..tasks.synthesis_tasks import inpainting_holes
-    from ..tasks.synthesize import _self_inpainting_pairs
-    from .ct_organs import real_ct
-
     rng = np.random.default_rng(11)
     t2 = _middle(brain_mr(seed=1001, shape=(80, 112, 96), spacing=(1.8, 1.6, 1.6),
                           template=data_dir() / "mri_brain_mni152")[0]["T2"])
@@ -159,8 +156,6 @@ def evaluate_inpainting(network, device, pictures) -> dict:
 def _shipped_metric(model_id: str, key_start: str, field: str | None = None):
     """The shipped TransUNet's own held-out number on the same images, read from its card (None without
     the model): MVG's segmentation is compared with the specialist, not with a remembered figure."""
-    from ..models import registry
-
     cards = {card.id: card for card in registry.available() if card.source == "shipped"}
     if model_id not in cards:
         return None
@@ -169,12 +164,7 @@ def _shipped_metric(model_id: str, key_start: str, field: str | None = None):
 
 
 def evaluate_segmentation(network, device, pictures) -> dict:
-    from ..synthetic.ct import LABELS as CT_LABELS
-    from .ct_organs import real_ct
     from .fundus_vessels import HELD_OUT_IDS, load_drive
-    from .oct_layers import LABELS as OCT_LABELS
-    from .oct_layers import real_bscan
-
     results = {}
     root = data_dir() / "fundus_drive_train"
     prompt_photo = io.load(root / "images" / "21_training.tif")
@@ -245,8 +235,6 @@ def _mean(scores: list[dict]) -> dict:
 def _picture(path: Path, panels: list[np.ndarray], ct: bool = False, labels_from: int | None = None) -> None:
     """One PNG row: query, prompt image, prompt target, MVG output, truth[, baseline], each scaled for viewing."""
     import imageio.v3 as iio
-
-    from ..engine.synthesis import resize_slice
 
     height = 192
     tiles = []

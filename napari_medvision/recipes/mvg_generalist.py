@@ -19,7 +19,14 @@ from pathlib import Path
 
 import numpy as np
 
+from ..models.card import ModelCard
+from ..models.registry import build_model
+from ..recipes.oct_layers import real_bscan, synthetic_bscans
 from .common import data_dir, device_summary, init_summary, prepare_run, recipe_arguments, save_shipped
+from .ct_organs import real_ct
+from .mvg_data import (Family, PairSampler, add_fundus, add_oct, ct_families, ct_volumes, load_families, mr_family,
+                       save_families)
+from .mvg_evaluation import evaluate
 
 MODEL_ID = "mvg-generalist"
 MR_TRAIN_SEEDS = range(100, 110)   # evaluation uses seeds from 1000 on
@@ -30,10 +37,6 @@ OCT_SYNTHETIC_SEEDS = range(100, 104)
 
 def build_families(seed: int, log=print):
     from ..recipes.fundus_vessels import TRAIN_IDS, load_drive
-    from ..recipes.oct_layers import real_bscan, synthetic_bscans
-    from .ct_organs import real_ct
-    from .mvg_data import Family, add_fundus, add_oct, ct_families, ct_volumes, mr_family
-
     root = data_dir()
     rng = np.random.default_rng(seed)
     mr = mr_family(MR_TRAIN_SEEDS, root / "mri_brain_mni152", log)
@@ -111,11 +114,6 @@ def _save_checkpoint(network, path: Path) -> None:
 def main(argv: list[str] | None = None) -> int:
     import torch
 
-    from ..models.card import ModelCard
-    from ..models.registry import build_model
-    from .mvg_data import load_families, save_families
-    from .mvg_evaluation import evaluate
-
     parser = recipe_arguments(__doc__.splitlines()[0], steps=20000, batch_size=16, preset="cpu")
     parser.add_argument("--bank", type=Path, default=None, help="cache of the training bank (.npz)")
     parser.add_argument("--checkpoint", type=Path, default=None, help="save weights here every 500 steps")
@@ -138,8 +136,6 @@ def main(argv: list[str] | None = None) -> int:
         from safetensors.torch import load_file
 
         network.load_state_dict(load_file(str(args.init)))
-    from .mvg_data import PairSampler
-
     sampler = PairSampler(families, network.tile, seed=args.seed)
     summary = train(network, sampler, device, args.steps, args.batch_size, args.time_budget,
                     checkpoint=args.checkpoint)

@@ -27,6 +27,7 @@ from .. import io
 from ..engine.sampling import PatchSampler
 from ..engine.training import TrainConfig, dice_per_class, train_segmentation
 from ..models.card import ModelCard
+from ..synthetic import oct_volume
 from .common import window_probabilities, new_network, prepare_run, print_every, data_dir, recipe_arguments, save_shipped, training_summary
 
 MODEL_ID = "oct-retinal-layers-2d"
@@ -79,8 +80,6 @@ def synthetic_bscans(seeds, rows_choices=(256, 384, 512), drusen_on_odd_seeds: b
     """Normalised synthetic B-scans and their layers; odd seeds get 1-4 drusen when asked (AMD eyes
     such as the held-out real B-scan, whose RPE is lifted into a large dome)."""
     from ..engine.normalise import normalise
-    from ..synthetic import oct_volume
-
     images, labels = [], []
     for seed in seeds:
         rows = rows_choices[seed % len(rows_choices)]

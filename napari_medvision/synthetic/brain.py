@@ -11,9 +11,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 
+from ..io.errors import ReadError
 from ..volume import Volume
 from .shapes import centred_grid, centred_origin, displacement_field, ellipsoid, make_rng, smooth_noise
 
@@ -218,10 +220,6 @@ def _procedural_fractions(rng, coords, spacing, scale):
 
 def _template_fractions(rng, coords, spacing, scale, folder: Path):
     """Tissue fractions from the MNI152 GM/WM probability maps, resampled on the deformed grid."""
-    import nibabel as nib  # only this path needs it
-
-    from ..io.errors import ReadError
-
     found = {}
     for kind in ("gm", "wm"):
         hits = sorted(folder.glob(f"*_{kind}_*.nii*")) if folder.is_dir() else []

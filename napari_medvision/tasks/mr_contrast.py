@@ -17,7 +17,9 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ..engine.progress import CancelToken, ProgressFn, check, report
+from ..engine.synthesis import greyscale
 from ..models.card import ModelCard
+from ..models.registry import load_model
 from ..volume import Volume
 
 MODEL_TASK = "mr-contrast"  # the ``task`` of these models' cards
@@ -223,9 +225,6 @@ def predict(network, data: np.ndarray, spacing: Sequence[float], cancel: Optiona
 def synthesize_contrast(volume: Volume, card: ModelCard, progress: Optional[ProgressFn] = None,
                         cancel: Optional[CancelToken] = None) -> Volume:
     """``volume`` in the card's target contrast, on its grid (``meta["model"]`` names the model)."""
-    from ..engine.synthesis import greyscale
-    from ..models.registry import load_model
-
     network, card = load_model(card, device="cpu")
     report(progress, 0, 2, "computing features")
     data = greyscale(np.asarray(volume.data), volume.rgb)

@@ -5,8 +5,10 @@ from __future__ import annotations
 import os
 from typing import Optional
 
+from ..engine.device import resolve_device
 from ..engine.progress import CancelToken, ProgressFn
 from ..models.card import ModelCard
+from ..models.registry import get_card, load_model
 from ..volume import Volume
 
 # Share of the sliding window that neighbouring windows overlap in ``mv.segment`` (the recipes
@@ -34,13 +36,11 @@ def segment(
     overlap: fraction of the sliding window shared by neighbouring tiles.
     network: the model already loaded on ``device`` (a cohort run loads it once per worker).
     """
-    from ..engine.device import resolve_device
     from ..engine.inference import predict_labels
-    from ..models.registry import get_card, load_model
     from .atlas_segment import segment_if_atlas_backed
 
     # An atlas set's name, or a model with atlas sets: registered real scans + the network (tasks.atlas_segment)
-    atlas_result = segment_if_atlas_backed(volume, model, device, progress, cancel)
+    atlas_result = segment_if_atlas_backed(volume, model, device, progress, cancel, network=network)
     if atlas_result is not None:
         return atlas_result
     card = get_card(model)

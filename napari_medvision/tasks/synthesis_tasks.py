@@ -15,6 +15,7 @@ from typing import Callable
 
 import numpy as np
 
+from ..synthetic import brain_mr, ct_abdomen, fundus_photo, oct_volume
 from ..volume import Volume
 
 CONTRASTS = ("T1", "T2", "PD")  # the simulator's spin-echo contrasts
@@ -86,8 +87,6 @@ class SynthesisTask:
 
 def _mr_examples(source: str, target: str) -> Callable[[int], list[tuple[Volume, Volume]]]:
     def make(seed: int):
-        from ..synthetic import brain_mr
-
         # the grid the MVG recipe trains on: a head of the same size as in training
         images, _ = brain_mr(seed=seed, shape=(80, 112, 96), spacing=(1.8, 1.6, 1.6), contrasts=(source, target))
         return [(images[source], images[target])]
@@ -96,8 +95,6 @@ def _mr_examples(source: str, target: str) -> Callable[[int], list[tuple[Volume,
 
 
 def _ct_denoise_examples(seed: int):
-    from ..synthetic import ct_abdomen
-
     image, _ = ct_abdomen(seed=seed, shape=(12, 160, 192), spacing=(5.0, 1.5, 1.5))
     rng = np.random.default_rng(seed)
     clean = np.asarray(image.data, dtype=np.float32)
@@ -106,22 +103,16 @@ def _ct_denoise_examples(seed: int):
 
 
 def _ct_organ_examples(seed: int):
-    from ..synthetic import ct_abdomen
-
     image, labels = ct_abdomen(seed=seed, shape=(24, 112, 128), spacing=(3.0, 3.0, 3.0))
     return [(image, labels)]
 
 
 def _fundus_examples(seed: int):
-    from ..synthetic import fundus_photo
-
     photo, vessels = fundus_photo(seed=seed, size=(584, 565))
     return [(photo, vessels.with_data((np.asarray(vessels.data) > 0).astype(np.uint8), labels={1: "vessel"}))]
 
 
 def _oct_examples(seed: int):
-    from ..synthetic import oct_volume
-
     volume, labels = oct_volume(seed=seed, shape=(4, 384, 384))
     return [(volume, labels)]
 

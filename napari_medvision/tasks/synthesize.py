@@ -15,11 +15,15 @@ from typing import Optional, Sequence
 
 import numpy as np
 
-from ..engine.progress import CancelToken, ProgressFn
+from ..engine.device import resolve_device
+from ..engine.progress import CancelToken, ProgressFn, report
+from ..engine.synthesis import UnitScale, generate_slices, greyscale, resize_slice, smooth_along_slices, unit_scale
 from ..models.card import ModelCard
+from ..models.registry import get_card, load_model
 from ..volume import Volume
 from .mr_contrast import MODEL_TASK as MR_CONTRAST_TASK
 from .mr_contrast import synthesize_contrast
+from .synthesis_tasks import TASKS, inpainting_holes
 
 DEFAULT_MODEL = "mvg-generalist"
 Example = tuple["Volume | np.ndarray", "Volume | np.ndarray"]
@@ -55,9 +59,6 @@ def synthesize(
     A label map's grey levels are cut where Dice is best on the mirrored prompt pair
     (``meta["decoding"]`` and ``meta["decision_levels"]``; see ``_calibrated_bounds``).
     """
-    from ..engine.device import resolve_device
-    from ..models.registry import get_card, load_model
-
     source = volume.meta.get("source", "the image")
     if volume.is_labels:
         raise ValueError(f"{source}: is a label map; synthesize from the image it was drawn on")
@@ -82,9 +83,6 @@ def synthesize(
 
 
 def _run(network, volume, pairs, hole, device, steps, overlap, batch_size, consistency, progress, cancel) -> Volume:
-    from ..engine.progress import report
-    from ..engine.synthesis import generate_slices, greyscale, resize_slice, smooth_along_slices, unit_scale
-
     query = _stack(greyscale(np.asarray(volume.data), volume.rgb))
     query_scale = unit_scale(query, volume.modality or "")
     unit_query = query_scale.to_unit(query)
@@ -147,8 +145,6 @@ def _calibrated_bounds(network, example, scale, device, overlap, batch_size, can
     mirrored target is used: for one structure the level of ``LEVELS``; for several, the midway
     bounds or bounds at the quantiles that give each label its share of the target's pixels.
     """
-    from ..engine.synthesis import generate_slices
-
     images, targets = example[0], example[1]
     units = scale.to_unit(np.asarray(scale.levels, dtype=np.float32))
     midway = (units[1:] + units[:-1]) / 2
@@ -182,8 +178,6 @@ def _prepared_examples(pairs, modality):
     example), so that averaging their outputs compares like with like; image targets keep the
     first example's scale for the output's units.
     """
-    from ..engine.synthesis import UnitScale, unit_scale
-
     raw = []
     for k, (image, target) in enumerate(pairs):
         image_data, image_spacing, image_modality, _ = _example_arrays(image, modality)
@@ -216,8 +210,6 @@ def _stack(data: np.ndarray) -> np.ndarray:
 
 def _example_arrays(item, modality):
     """(z, y, x) greyscale array, in-plane spacing or None, modality, is-labels of one example item."""
-    from ..engine.synthesis import greyscale
-
     if isinstance(item, Volume):
         data = greyscale(np.asarray(item.data), item.rgb) if not item.is_labels else np.asarray(item.data)
         return _stack(data), tuple(item.spacing[-2:]), item.modality or modality or "", item.is_labels
@@ -257,8 +249,6 @@ def _hole_mask(mask, volume: Volume, source: str) -> np.ndarray | None:
 
 def _fitted_task_model(volume: Volume, task, examples, source: str) -> str | None:
     """The id of the model fitted on real pairs that runs named ``task``, or None (MVG runs it)."""
-    from .synthesis_tasks import TASKS
-
     if examples or task not in TASKS or not TASKS[task].model:
         return None
     _check_task_modality(volume, task, source)
@@ -266,16 +256,12 @@ def _fitted_task_model(volume: Volume, task, examples, source: str) -> str | Non
 
 
 def _check_task_modality(volume: Volume, task: str, source: str) -> None:
-    from .synthesis_tasks import TASKS
-
     wanted = TASKS[task].modality
     if wanted and volume.modality and volume.modality.upper() != wanted.upper():
         raise ValueError(f"{source}: task {task!r} works on {wanted} images, this one is {volume.modality}")
 
 
 def _prompt_pairs(volume: Volume, task, examples, hole, seed: int, source: str) -> list[Example]:
-    from .synthesis_tasks import TASKS
-
     if examples:
         pairs = [tuple(pair) for pair in examples]
         if any(len(pair) != 2 for pair in pairs):
@@ -297,8 +283,6 @@ def _prompt_pairs(volume: Volume, task, examples, hole, seed: int, source: str) 
 @functools.lru_cache(maxsize=4)
 def _named_task_examples(task: str, seed: int) -> list[Example]:
     """A named task's simulated pairs, kept for reruns: simulating them takes seconds (never modified)."""
-    from .synthesis_tasks import TASKS
-
     return TASKS[task].make_examples(seed)
 
 
@@ -308,9 +292,6 @@ def _self_inpainting_pairs(volume: Volume, hole: np.ndarray, seed: int) -> list[
     Mirrored left to right, so that the prompt tile paired with each query tile never shows the
     content under the user's own mask at the same place (the model would copy it back).
     """
-    from ..engine.synthesis import greyscale, unit_scale
-    from .synthesis_tasks import inpainting_holes
-
     rng = np.random.default_rng(seed)
     query = _stack(greyscale(np.asarray(volume.data), volume.rgb))
     mirrored, mirrored_hole = query[..., ::-1].copy(), hole[..., ::-1]

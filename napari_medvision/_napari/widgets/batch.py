@@ -31,7 +31,6 @@ class BatchWidget(QWidget):
         self.output.setPlaceholderText("output folder")
         self.task_box = QComboBox()
         self.task_box.addItems(list(MODEL_TASKS))
-        self.task_box.setToolTip("prompt: give a CSV whose example_image / example_mask columns name labelled scans")
         self.model_box = QComboBox()
         self.workers = QSpinBox()
         self.workers.setRange(0, 256)
@@ -41,6 +40,23 @@ class BatchWidget(QWidget):
         self.rtstruct = QCheckBox("also RTSTRUCT for DICOM scans")
         self.resume = QCheckBox("skip scans already done")
         self.resume.setChecked(True)
+        tips = {
+            self.inputs: "the scans: a folder (a scan per file, zarr store or DICOM series), a glob, or a CSV "
+                         "with a 'path' column",
+            self.output: "the folder for each scan's output and results.csv (a row per scan and label, "
+                         "volumes in mL); made if missing",
+            self.task_box: "segment: a label map per scan (needs a model); synthesize: a new image per scan; "
+                           "prompt: give a CSV whose example_image / example_mask columns name labelled scans",
+            self.model_box: "the model every scan runs through; each worker loads it once",
+            self.workers: "Dask worker processes on this machine, one scan each at a time (auto: one per core, "
+                          "at most one per 4 GiB of memory); unused with a scheduler address",
+            self.scheduler: "address of a running Dask scheduler, e.g. tcp://host:8786 (empty: a local cluster); "
+                            "every worker must see the scans and the output folder",
+            self.rtstruct: "for DICOM scans, an RTSTRUCT file beside the DICOM SEG (needs rt-utils)",
+            self.resume: "skip a scan whose outputs exist for the same input checksum, task, model and options",
+        }
+        for widget, tip in tips.items():
+            widget.setToolTip(tip)
         form = QFormLayout()
         form.addRow("scans", _with_browse(self.inputs, self._browse_inputs))
         form.addRow("output", _with_browse(self.output, self._browse_output))
@@ -102,6 +118,7 @@ def _with_browse(line: QLineEdit, browse) -> QWidget:
     row.setContentsMargins(0, 0, 0, 0)
     row.addWidget(line)
     button = QPushButton("…")
+    button.setToolTip("choose a folder")
     button.clicked.connect(browse)
     row.addWidget(button)
     return box

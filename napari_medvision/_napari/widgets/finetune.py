@@ -21,7 +21,7 @@ from qtpy.QtWidgets import (QCheckBox, QComboBox, QDoubleSpinBox, QFormLayout, Q
                             QPushButton, QSpinBox, QVBoxLayout, QWidget)
 
 from ... import models
-from ...tasks.finetune import FinetuneOptions, finetune
+from ...tasks.finetune import FinetuneOptions, FinetuneRefused, finetune
 from ...tasks.prompting.head import NEW_HEAD
 from ...tasks.segment import segment
 from ..layers import label_names, volume_to_layer
@@ -303,8 +303,6 @@ class FinetuneWidget(QWidget):
     @staticmethod
     def _finetune_or_refusal(**kwargs):
         """The new card, or the guard's refusal (a result to show, not a failure)."""
-        from ...tasks.finetune import FinetuneRefused
-
         try:
             return finetune(**kwargs)
         except FinetuneRefused as exc:

@@ -11,6 +11,8 @@ from typing import Optional, Sequence
 import numpy as np
 
 from ...volume import Volume
+from .features import normalised
+from .register import register_affine, to_sitk
 
 
 def slice_copy(annotations: Volume, annotated_slices: Optional[Sequence[int]] = None) -> Volume:
@@ -34,9 +36,6 @@ def affine_registration(volume: Volume, image: Volume, mask: Volume) -> Volume:
     Labels are warped by nearest neighbour, as a user of a registration tool would do.
     """
     import SimpleITK as sitk
-
-    from .features import normalised
-    from .register import register_affine, to_sitk
 
     if mask.spatial_shape != image.spatial_shape:
         raise ValueError(f"example image shape {image.spatial_shape} and mask shape {mask.spatial_shape} differ")

@@ -9,6 +9,8 @@ by PCA and upsampled bilinearly to pixels (``engine.embeddings.FeatureVolume.at_
 
 from __future__ import annotations
 
+import os
+from concurrent.futures import ThreadPoolExecutor
 from typing import Optional
 
 import numpy as np
@@ -85,9 +87,6 @@ def intensity_features(slices: np.ndarray, workers: Optional[int] = None, device
     ``BLOCK`` slices written into one output also keep the peak memory near the output's own
     size (one pass over 300x512x512 would hold every filter response twice: 6 GB).
     """
-    import os
-    from concurrent.futures import ThreadPoolExecutor
-
     if device is not None and str(device).startswith("cuda"):
         return _torch_filters(slices, device)
     n, y, x, c = slices.shape

@@ -19,9 +19,16 @@ from typing import Optional
 
 import numpy as np
 
+from ...engine.device import resolve_device
 from ...engine.progress import check, report
+from ...engine.training import dice_per_class
 from ...models.card import ModelCard
+from ...models.registry import build_model, load_model, save_model
 from ...volume import Volume
+from ..corrections import check_corrections, destination, split_slices
+from ..finetune_tail import FinetuneRefused
+from .features import INTENSITY_VERSION, PER_CHANNEL, as_slices, intensity_features, normalised
+from .refine import AppearanceHead, balanced_sample, class_weights, clean_up
 
 NEW_HEAD = "prompt-head"  # the model name that asks for a new head
 HIDDEN = 32
@@ -39,8 +46,6 @@ def is_head(model) -> bool:
 
 def pixel_features(volume: Volume, slices=None) -> np.ndarray:
     """``(n, y, x, F)`` prompt intensity features of ``slices`` (axis 0; all by default; a 2D image: one)."""
-    from .features import as_slices, intensity_features, normalised
-
     stack = as_slices(normalised(volume), volume.rgb)
     return intensity_features(stack if slices is None else stack[list(slices)])
 
@@ -59,11 +64,6 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
     ``FinetuneRefused`` instead of saving when the held-out Dice does not rise.
     """
     import torch
-
-    from ...engine.device import resolve_device
-    from ...models.registry import load_model, save_model
-    from .refine import balanced_sample, class_weights
-    from ..corrections import check_corrections, destination, split_slices
 
     started = time.perf_counter()
     images, labels = list(images), list(labels)
@@ -115,8 +115,6 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
             report(progress, step, steps, f"loss {entry['loss']:.3f}")
     after = _dice(network, val, parent) if val else None
     if guard and before is not None and not after > before:
-        from ..finetune_tail import FinetuneRefused
-
         raise FinetuneRefused(f"the fine-tuned head was not saved and {parent.id} stays: its Dice on the "
                               f"held-out corrected slices went {before:.3f} -> {after:.3f}",
                               {"figures": {"mean dice": {"parent": round(before, 4), "new": round(after, 4)}}})
@@ -147,8 +145,6 @@ def finetune_head(model, images, labels, slices=None, steps: Optional[int] = Non
 def segment_with_head(volume: Volume, network, card: ModelCard, device: str = "cpu", progress=None,
                       cancel=None, batch: int = 8) -> Volume:
     """Labels Volume on ``volume``'s grid: the head's most likely class at every pixel, slice by slice."""
-    from .refine import AppearanceHead, clean_up
-
     n = volume.spatial_shape[0] if volume.ndim == 3 else 1
     out = np.zeros((n,) + tuple(volume.spatial_shape[-2:]), dtype=np.uint8 if len(card.labels or {}) < 255
                    else np.uint16)
@@ -178,11 +174,7 @@ def _new_head_card(images, labels) -> ModelCard:
                 names.setdefault(k, f"label {k}")
     n_features = None
     if images:
-        from .features import PER_CHANNEL
-
         n_features = PER_CHANNEL * (3 if images[0].rgb else 1)
-    from .features import INTENSITY_VERSION
-
     modality = images[0].modality if images else "unknown"
     config = {"n_features": n_features, "n_classes": max(names, default=0) + 1, "hidden": HIDDEN}
     return ModelCard(id=NEW_HEAD, task="segmentation", architecture={"name": "appearance-head", "config": config},
@@ -220,8 +212,6 @@ def _corrected_pixels(image: Volume, label: Volume, picked, cancel) -> tuple[np.
 def _new_network(card: ModelCard, features: np.ndarray):
     import torch
 
-    from ...models.registry import build_model
-
     network = build_model(card.architecture)
     sample = features[:: max(1, len(features) // 200_000)].astype(np.float32)
     network.mean.copy_(torch.from_numpy(sample.mean(0)))
@@ -231,9 +221,6 @@ def _new_network(card: ModelCard, features: np.ndarray):
 
 def _dice(network, val, card: ModelCard) -> float:
     """Mean Dice over the labels present in the held-out slices, pooled over them."""
-    from ...engine.training import dice_per_class
-    from .refine import AppearanceHead
-
     head = AppearanceHead.from_stored(network)
     pred = np.concatenate([head.predict(feats).argmax(0).ravel() for feats, _ in val])
     truth = np.concatenate([labels.ravel() for _, labels in val])

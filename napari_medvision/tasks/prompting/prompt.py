@@ -13,14 +13,20 @@ examples, the best one is used, and its score is returned as ``meta["expected_di
 from __future__ import annotations
 
 import re
+from dataclasses import asdict
 from typing import Optional, Sequence
 
 import numpy as np
 
+from ...engine.device import resolve_device
 from ...engine.progress import CancelToken, ProgressFn, check, report
 from ...volume import Volume
-from . import runs
-from .features import as_slices, intensity_features, load_backbone, normalised
+from . import photos, runs
+from .features import (DINO_COMPONENTS, PER_CHANNEL, as_slices, dino_pixels, dino_reduced, intensity_features,
+                       load_backbone, normalised, window_features)
+from .propagate import demons_backend, demons_key, slice_displacements
+from .register import (MAX_SAMPLES, REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc, register_affines,
+                       warp_to)
 from .volume_cache import VolumeCache
 from .refine import SOFTEN_REACH, compact_labels
 
@@ -57,8 +63,6 @@ def prompt(volume: Volume, examples: Optional[Sequence[tuple[Volume, Volume]]] =
     target's pixel-only results were read from the cache, e.g. ``["prompt-demons"]``); with one
     painted slice ``meta["head_agreement"]``, the check that chose between head and carried mask.
     """
-    from ...engine.device import resolve_device
-
     _check_image(volume, "the image to segment")
     if (examples is None) == (annotations is None):
         raise ValueError("prompt needs either annotations= (a few painted slices) or examples= "
@@ -371,8 +375,6 @@ def _from_photos(volume, examples, ids, names, example_classes, backbone, device
     """2D target and examples (``photos``): one head per example on photo features, averaged; no
     registration prior (vessels of two eyes do not correspond). With one label, the probability
     threshold is chosen by leave-one-example-out on the examples."""
-    from . import photos
-
     n_classes, n = len(ids) + 1, len(examples)
     masks = [c.reshape(image.spatial_shape) for (image, _), c in zip(examples, example_classes)]
     layered = volume.modality == "OCT" or all(photos.drawn_as_layers(m, n_classes) for m in masks)
@@ -411,8 +413,6 @@ def _from_photos(volume, examples, ids, names, example_classes, backbone, device
 
 def _dino_pixels(volume, backbone, device, cancel, store, basis=None):
     """``(DINO features (y, x, F), PCA basis)`` of a 2D image: ``_features``' DINO columns."""
-    from .features import PER_CHANNEL
-
     store = store if store is not None else VolumeCache(volume, enabled=False)
     _, features, basis = _features(volume, backbone, device, cancel, store, basis)
     channels = 3 if volume.rgb else 1
@@ -428,9 +428,6 @@ def _register_example(target, target_grey, image, grey, classes, n_classes, targ
     ``target_store`` when these two scans were registered before.
     """
     import SimpleITK as sitk
-
-    from .register import (MAX_SAMPLES, REGISTRATIONS, affine_arrays, affines_from_arrays, local_ncc,
-                            register_affines, warp_to)
 
     shape = target_grey.shape
     t_grey, e_grey = target_grey.reshape(target.spatial_shape), grey.reshape(image.spatial_shape)
@@ -468,11 +465,7 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
     slices only (``_features.window_features``: the same numbers as the whole slice's).
     into: the ``features`` of an earlier call with ``only`` on this volume, filled in further.
     """
-    from dataclasses import asdict
-
     from ...engine.embeddings import EmbeddingConfig
-    from .features import DINO_COMPONENTS, dino_pixels, dino_reduced, window_features
-
     check(cancel)
     rows = slice(None) if only is None else np.asarray(sorted(only), dtype=int)
     slices = as_slices(normalised(volume, None if only is None else rows, store.intensity_ranges()), volume.rgb)
@@ -510,8 +503,6 @@ def _features(volume, backbone, device, cancel, store, basis=None, only=None, wi
 
 def _displacements(slices, store, progress, cancel, step, device):
     """Demons fields between neighbouring slices (``_propagate.slice_displacements``), cached per volume."""
-    from .propagate import demons_backend, slice_displacements
-
     backend = demons_backend(device)
     got = store.get(*_demons_entry(slices.shape[:3], backend),
                     lambda: {"displacements": slice_displacements(slices.mean(-1), progress=progress, cancel=cancel,
@@ -525,8 +516,6 @@ class _NotCached(Exception):
 
 def _cached_displacements(shape, store, rows, device):
     """The ``rows`` of the cached demons fields of a volume of ``shape``; ``_NotCached`` when there are none."""
-    from .propagate import demons_backend
-
     def missing():
         raise _NotCached()
 
@@ -536,8 +525,6 @@ def _cached_displacements(shape, store, rows, device):
 
 def _demons_entry(shape, backend) -> tuple:
     """``(kind, params, expect)`` of the demons fields of a volume of ``shape`` ``(z, y, x)`` in the cache."""
-    from .propagate import demons_key
-
     z, y, x = shape
     return "prompt-demons", demons_key(backend), {"displacements": ((max(z - 1, 0), 2, y, x), "float32")}
 

@@ -17,6 +17,7 @@ import numpy as np
 from scipy import ndimage as ndi
 
 from ...engine.progress import CancelToken, ProgressFn, check, report
+from .refine import combine
 
 
 ITERATIONS, SMOOTHING = 25, 1.5
@@ -201,8 +202,6 @@ def _beyond(prior, start_prob, start, stop, direction, displacements, head, vani
 
 def _kept(prob: np.ndarray, head: np.ndarray) -> np.ndarray:
     """``(K,)`` share of each label's carried area that survives the product with the head."""
-    from .refine import combine
-
     posterior = combine(head, prob, weight=2.0)
     carried = prob[1:].reshape(prob.shape[0] - 1, -1).sum(1)
     return posterior[1:].reshape(carried.shape[0], -1).sum(1) / carried.clip(min=1e-6)

@@ -13,6 +13,8 @@ from typing import Optional
 import numpy as np
 from scipy import ndimage as ndi
 
+from .features import _scipy_kernel, correlate_along
+
 MAX_SAMPLES = 20_000
 EPS = 1e-3
 
@@ -204,8 +206,6 @@ def _soften_torch(prior, sigmas: list[float]):
     scipy path to float32 rounding. Distances are whole slices, so there are a dozen sigmas at most.
     """
     import torch
-
-    from .features import _scipy_kernel, correlate_along
 
     out = prior.clone()
     for sigma in sorted(set(sigmas)):

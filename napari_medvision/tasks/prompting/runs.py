@@ -15,13 +15,15 @@ and keep the best. Variants:
 
 from __future__ import annotations
 
+import hashlib
 from typing import Optional
 
 import numpy as np
 
 from ...engine.progress import CancelToken, check
 from .propagate import propagate
-from .refine import AppearanceHead, clean_up, combine, soften
+from .refine import MAX_SAMPLES, AppearanceHead, clean_up, combine, soften
+from .register import fuse
 
 WEIGHTS = (1.0, 2.0, 4.0)
 
@@ -67,11 +69,7 @@ def fit_head(features: list[np.ndarray], classes: list[np.ndarray], n_classes: i
     head = AppearanceHead(n_classes, device=device)
     if store is None or not store.enabled:
         return head.fit(x, y)
-    import hashlib
-
     import torch
-
-    from .refine import MAX_SAMPLES
 
     digest = hashlib.blake2b(x.tobytes(), digest_size=16)
     digest.update(y.tobytes())
@@ -199,8 +197,6 @@ def from_examples(target_features: np.ndarray, priors: list[np.ndarray], similar
     are averaged: on DRIVE one head per photo keeps gaining with more examples where one head
     fitted on the pooled pixels does not, and each head is fitted once for all leave-one-out folds.
     """
-    from .register import fuse
-
     check(cancel)
     prior = fuse(priors, similarities)
     anchor = np.where(prior.max(0) >= 0.5, np.argmax(prior, axis=0), -1)

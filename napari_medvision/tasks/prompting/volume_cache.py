@@ -23,6 +23,7 @@ import numpy as np
 
 from ...engine import cache
 from ...volume import Volume
+from .features import intensity_ranges
 
 Expect = dict[str, tuple[Optional[tuple[int, ...]], str]]
 
@@ -50,8 +51,6 @@ class VolumeCache:
     def intensity_ranges(self):
         """``_features.intensity_ranges`` of the volume (computed once: a preview normalises a few
         slices of it several times)."""
-        from .features import intensity_ranges
-
         if self._ranges is None:
             self._ranges = (intensity_ranges(self.volume),)
         return self._ranges[0]
