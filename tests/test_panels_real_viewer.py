@@ -130,7 +130,7 @@ def test_synthesize_panel_on_a_real_brain(make_napari_viewer, qtbot, data_dir):
     assert longest <= MAX_GAP_S, f"the viewer stalled {longest * 1000:.0f} ms"
 
 
-@pytest.mark.parametrize("name", ["Interactive", "Batch", "Prompt", "Metrics"])
+@pytest.mark.parametrize("name", ["Interactive", "Batch", "Prompt", "Metrics", "Segment", "Synthesize", "Fine-tune"])
 def test_every_field_of_a_panel_has_a_tooltip(make_napari_viewer, name):
     """Hovering any field says what it takes (and its unit): no input widget without a tooltip."""
     _, panel = make_napari_viewer().window.add_plugin_dock_widget(PLUGIN, name)

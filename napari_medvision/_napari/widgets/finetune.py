@@ -165,6 +165,10 @@ class FinetuneWidget(QWidget):
             self.time_budget: "stop training after this many seconds (0: no limit)",
             self.device_box: "where training runs; auto picks a GPU when there is one",
             self.new_id: "the new model's id (letters, digits, '-' and '_')",
+            self.whole_network: "off: only the output rows of the corrected labels train, held to the parent "
+                                "elsewhere; on: every weight trains (minutes, and untouched labels may drift)",
+            self.guard: "keep some corrected slices aside and save the new model only if it beats the parent "
+                        "there, per label, with no untouched label moving",
         }
         for widget, tip in tips.items():
             widget.setToolTip(tip)

@@ -50,6 +50,9 @@ class PromptPairRow(QWidget):
         super().__init__(parent)
         self.image_box = QComboBox()
         self.target_box = QComboBox()
+        self.image_box.setToolTip("an example input: an image of the same kind as the one to synthesize from")
+        self.target_box.setToolTip("what the model should make of that example: an image (another contrast) "
+                                   "or a Labels layer (segmentation as generation)")
         form = QFormLayout(self)
         form.setContentsMargins(0, 0, 0, 0)
         form.addRow(f"example {number} image", self.image_box)
