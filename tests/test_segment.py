@@ -76,8 +76,9 @@ def test_mismatched_inputs_are_refused_with_the_reason():
 def test_progress_reports_reach_the_caller():
     tiny_ct_model()
     seen = []
-    mv.segment(small_ct(), model="tiny-ct", device="cpu", progress=lambda d, t, m: seen.append((d, t)))
-    assert seen and seen[-1][0] == seen[-1][1]
+    mv.segment(small_ct(), model="tiny-ct", device="cpu", progress=lambda d, t, m: seen.append((d, t, m)))
+    assert seen[0][2] == "loading model tiny-ct"  # the first stage is named before the weights load
+    assert seen[-1][0] == seen[-1][1]
 
 
 def test_command_line_segment_and_models(tmp_path, capsys):

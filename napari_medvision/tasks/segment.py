@@ -6,7 +6,7 @@ import os
 from typing import Optional
 
 from ..engine.device import resolve_device
-from ..engine.progress import CancelToken, ProgressFn
+from ..engine.progress import CancelToken, ProgressFn, check, report
 from ..models.card import ModelCard
 from ..models.registry import get_card, load_model
 from ..volume import Volume
@@ -51,7 +51,9 @@ def segment(
     _check_input(volume, card)
     device = resolve_device(device)
     if network is None:
+        report(progress, 0, 1, f"loading model {card.id}")  # the panel shows the stage, not a silent bar
         network, card = load_model(card, device=device)
+        check(cancel)
     if card.architecture.get("name") == "appearance-head":  # a prompting head: pixel features, slice by slice
         from .prompting.head import segment_with_head
 
