@@ -118,3 +118,13 @@ def test_the_atlas_affine_samples_a_fixed_number_of_voxels_per_level():
     assert shares[0] == 1.0  # 7 x 25 x 30 voxels at a quarter: all of them
     assert shares[1] * 15 * 50 * 61 == pytest.approx(atlas_segment.AFFINE_SAMPLES)
     assert sampling_shares((30, 101, 122)) == [0.2, 0.2, 0.2]  # prompting's defaults are unchanged
+
+
+def test_every_registration_stage_is_named_in_the_progress():
+    """The panel's bar names the affine and the deformable stage of each member, so no stage is silent."""
+    atlas = atlases.add("staged-anatomy", [phantom(1)])
+    seen = []
+    segment_with_atlases(phantom(3)[0], [atlas], progress=lambda done, total, message: seen.append(message))
+    assert "registering atlas staged-anatomy (1/1)" in seen
+    assert "deformable registration (demons): atlas staged-anatomy (1/1)" in seen
+    assert seen.index("deformable registration (demons): atlas staged-anatomy (1/1)") < seen.index("done")

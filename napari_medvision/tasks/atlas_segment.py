@@ -106,8 +106,10 @@ def segment_with_atlases(volume: Volume, atlas_sets: list, network=None, card=No
         report(progress, step, total, f"registering atlas {atlas.name} ({i + 1}/{len(atlas)})")
         image, labels = atlas.member(i)
         entry = {"atlas": atlas.name, "member": i}
-        prior, similarity, reach, box = _register_member(work, grey, body, modality, image, labels, index, options,
-                                                         entry, cancel, atlas.card)
+        name = f"atlas {atlas.name} ({i + 1}/{len(atlas)})"
+        prior, similarity, reach, box = _register_member(
+            work, grey, body, modality, image, labels, index, options, entry, cancel, atlas.card,
+            stage=lambda what, step=step, name=name: report(progress, step, total, f"{what}: {name}"))
         used.append(entry)
         if prior is not None:
             registered.append((prior, similarity, box))
@@ -400,11 +402,12 @@ def _intensity_model(grey: np.ndarray, modality: str, prior: np.ndarray, body: n
 
 # --- registration ---------------------------------------------------------------------------------
 
-def _register_member(work, grey, body, modality, image, labels, index, options, entry, cancel, atlas_card=None):
+def _register_member(work, grey, body, modality, image, labels, index, options, entry, cancel, atlas_card=None,
+                     stage=None):
     """``(soft labels (K+1, *box), local similarity (-1 beyond the atlas), field of view, box)`` of one atlas
     member: the field of view on the whole work grid, the rest on ``box``, the work grid's part the registered
     atlas reaches (plus a margin), where its deformable stage, warps and similarity run; ``(None,) * 4`` when
-    its registration fits the scan's body poorly."""
+    its registration fits the scan's body poorly. ``stage(message)`` names the deformable stage when it starts."""
     atlas_card = atlas_card or {}
     atlas_modality = (image.modality or "").upper()
     atlas_grey = np.asarray(image.data, dtype=np.float32)
@@ -447,6 +450,8 @@ def _register_member(work, grey, body, modality, image, labels, index, options, 
     check(cancel)
     same_modality = atlas_modality == modality and modality != ""
     if options.deformable and same_modality:
+        if stage is not None:
+            stage("deformable registration (demons)")
         field, note = _demons(work, fixed, moved, body, options)
         entry["deformable"] = note
         if field is not None:
