@@ -24,6 +24,17 @@ def data_dir() -> Path:
     return path
 
 
+@pytest.fixture
+def one_torch_thread():
+    """Tiny models train faster on one thread than on two that wait for each other on a busy 2-core CPU."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(autouse=True)
 def _user_home(tmp_path_factory, monkeypatch):
     """Keep user models and caches of every test out of the real home folder."""

@@ -25,12 +25,8 @@ KNOWN = {1: "liver", 2: "spleen"}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tiny models train faster on one thread than on two that wait for each other on a busy CPU."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest)."""
 
 
 def corrected_ct():

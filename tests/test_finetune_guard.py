@@ -18,11 +18,8 @@ from test_segment import tiny_ct_model  # noqa: E402
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest)."""
 
 
 def liver_only(corrected, slices):

@@ -20,11 +20,8 @@ pytestmark = pytest.mark.napari
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest)."""
 
 
 def viewer_with_corrections(make_napari_viewer):

@@ -18,11 +18,16 @@ from napari_medvision.tasks.interactive import InteractiveSession  # noqa: E402
 pytestmark = pytest.mark.napari
 
 
-def test_a_click_in_the_panel_shows_the_object_and_never_blocks_the_viewer(make_napari_viewer, qtbot):
+def ball_scan() -> tuple[np.ndarray, np.ndarray]:
+    """A noisy 24x40x64 scan with one bright ball (the object to click), and the ball's mask."""
     rng = np.random.default_rng(0)
     z, y, x = np.mgrid[:24, :40, :64]
     ball = (z - 12) ** 2 + (y - 20) ** 2 + (x - 16) ** 2 <= 8 ** 2
-    image = (np.where(ball, 200.0, 80.0) + rng.normal(0, 10, ball.shape)).astype(np.float32)
+    return (np.where(ball, 200.0, 80.0) + rng.normal(0, 10, ball.shape)).astype(np.float32), ball
+
+
+def test_a_click_in_the_panel_shows_the_object_and_never_blocks_the_viewer(make_napari_viewer, qtbot):
+    image, ball = ball_scan()
     viewer = make_napari_viewer()
     viewer.add_image(image, name="scan", scale=(2.0, 1.5, 1.5))
     viewer.add_labels(np.zeros(ball.shape, np.uint16), name="scan objects")  # the user's: never replaced
@@ -79,10 +84,7 @@ def test_a_click_in_the_panel_shows_the_object_and_never_blocks_the_viewer(make_
 
 
 def test_boxes_lassos_and_scribbles_drawn_in_the_panel_layers_give_the_object(make_napari_viewer, qtbot):
-    rng = np.random.default_rng(0)
-    z, y, x = np.mgrid[:24, :40, :64]
-    ball = (z - 12) ** 2 + (y - 20) ** 2 + (x - 16) ** 2 <= 8 ** 2
-    image = (np.where(ball, 200.0, 80.0) + rng.normal(0, 10, ball.shape)).astype(np.float32)
+    image, ball = ball_scan()
     viewer = make_napari_viewer()
     viewer.add_image(image, name="scan", scale=(2.0, 1.5, 1.5))
     panel = InteractiveWidget(viewer)

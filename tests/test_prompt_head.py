@@ -16,11 +16,8 @@ ORGANS = {1: "liver", 2: "spleen", 3: "kidney_right", 4: "kidney_left"}
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():  # the user model folder is a fresh temporary one (conftest)
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+def _one_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest)."""
 
 
 def mean_dice(prediction, truth, rows) -> float:

@@ -15,12 +15,8 @@ from napari_medvision.models.transunet import PRESETS_2D, PRESETS_3D, TransUNet2
 
 
 @pytest.fixture(autouse=True)
-def _one_thread():
-    """Tests share a 2-core CI machine; one thread keeps timings steady."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+def _one_thread(one_torch_thread):
+    """Every test of this file runs torch on one thread (conftest)."""
 
 
 def tiny_2d(**changes) -> TransUNet2D:

@@ -7,23 +7,24 @@ import warnings
 
 def show_problem(message: str) -> None:
     """An error notification in the viewer (or a warning where napari's notifier is unavailable)."""
-    try:
-        from napari.utils.notifications import show_error
-    except ImportError:  # pragma: no cover - napari is always there when this module runs
-        warnings.warn(message, stacklevel=2)
-        return
-    show_error(message)
-    _expand_toast_later(message)
+    if _notify("show_error", message):
+        _expand_toast_later(message)
 
 
 def show_notice(message: str) -> None:
     """A warning notification in the viewer (a Python warning where napari is unavailable)."""
+    _notify("show_warning", message)
+
+
+def _notify(kind: str, message: str) -> bool:
+    """napari's ``show_error`` / ``show_warning``; False (and a Python warning) where napari is unavailable."""
     try:
-        from napari.utils.notifications import show_warning
+        from napari.utils import notifications
     except ImportError:  # pragma: no cover - napari is always there when this module runs
-        warnings.warn(message, stacklevel=2)
-        return
-    show_warning(message)
+        warnings.warn(message, stacklevel=3)
+        return False
+    getattr(notifications, kind)(message)
+    return True
 
 
 def _expand_toast_later(message: str) -> None:

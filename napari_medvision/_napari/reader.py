@@ -132,17 +132,7 @@ def _is_image_folder(path: Path) -> bool:
         return True
     if (path / "DICOMDIR").exists():
         return True
-    seen = 0
-    for root, dirs, files in os.walk(path):
-        if len(Path(root).relative_to(path).parts) >= 2:
-            dirs[:] = []
-        for f in files:
-            seen += 1
-            if seen > FOLDER_PEEK:
-                return False
-            if f.lower().endswith(".dcm") or _has_dicom_marker(Path(root) / f):
-                return True
-    return False
+    return any(file.name.lower().endswith(".dcm") or _has_dicom_marker(file) for file in _first_files(path))
 
 
 def _holds_no_image(path: Path) -> bool:
@@ -152,15 +142,21 @@ def _holds_no_image(path: Path) -> bool:
     napari's generic refusal; a folder of pictures stays with the readers that stack them.
     """
     image_suffixes = set(readable_suffixes())
+    files = list(_first_files(path, FOLDER_PEEK + 1))
+    return len(files) <= FOLDER_PEEK and not any(suffix_of(file) in image_suffixes for file in files)
+
+
+def _first_files(path: Path, most: int = FOLDER_PEEK):
+    """The first ``most`` files of a folder and its subfolders, two levels down at most: a peek, not a walk."""
     seen = 0
     for root, dirs, files in os.walk(path):
         if len(Path(root).relative_to(path).parts) >= 2:
             dirs[:] = []
         for f in files:
+            if seen == most:
+                return
             seen += 1
-            if seen > FOLDER_PEEK or suffix_of(Path(f)) in image_suffixes:
-                return False
-    return True
+            yield Path(root) / f
 
 
 def _has_dicom_marker(file: Path) -> bool:

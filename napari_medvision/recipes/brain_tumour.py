@@ -132,15 +132,21 @@ def held_out_runs(results: Path) -> list[tuple[int, Path]]:
     return [(int(p.name[4:].split(".")[0]), p) for p in sorted(results.glob("fold*.safetensors"))]
 
 
-def score_run(results: Path, fold: int, device: str) -> dict:
-    """Score fold ``fold``'s saved run on the patient it never saw; writes and returns ``fold<k>.json``."""
+def load_run(results: Path, run: str):
+    """``(network, summary)`` of a run ``brain_tumour_training.save_run`` wrote into ``results``."""
     from safetensors.torch import load_file
 
     from ..models.registry import build_model
 
-    summary = json.loads((results / f"fold{fold}.train.json").read_text())
+    summary = json.loads((results / f"{run}.train.json").read_text())
     network = build_model(summary["architecture"])
-    network.load_state_dict(load_file(str(results / f"fold{fold}.safetensors")))
+    network.load_state_dict(load_file(str(results / f"{run}.safetensors")))
+    return network, summary
+
+
+def score_run(results: Path, fold: int, device: str) -> dict:
+    """Score fold ``fold``'s saved run on the patient it never saw; writes and returns ``fold<k>.json``."""
+    network, summary = load_run(results, f"fold{fold}")
     network.to(device).eval()
     held_out = PATIENTS[fold]
     scores = {"held_out": held_out, "trained_on": summary["trained_on"], "steps": summary["steps"],
@@ -153,13 +159,7 @@ def score_run(results: Path, fold: int, device: str) -> dict:
 
 def ship(results: Path, out: Path) -> None:
     """Write the shipped model from ``final.safetensors`` with the folds' held-out figures on its card."""
-    from safetensors.torch import load_file
-
-    from ..models.registry import build_model
-
-    summary = json.loads((results / "final.train.json").read_text())
-    network = build_model(summary["architecture"])
-    network.load_state_dict(load_file(str(results / "final.safetensors")))
+    network, summary = load_run(results, "final")
     card = new_card(summary["architecture"])
     card.training = {"summary": f"{len(PATIENTS)} real BraTS 2013 glioma patients (manual labels)", "data": DATA,
                      "synthetic_share": 0.0, "recipe": "napari_medvision.recipes.brain_tumour",
